@@ -1,0 +1,266 @@
+"""Released checkpoint -> MLX checkpoint, streaming one tensor (or one expert) at a time.
+
+Everything is checked from the headers before a byte is written; the output is written into a
+temporary sibling folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
+
+import numpy as np
+
+from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, fsync_dir
+
+from .layout import BLOCKS, CONCAT, COPY, FORMAT_NAME, FORMAT_VERSION, QUANT_S, QUANT_W, rule_for
+from .source import INDEX, ConversionError, Release, open_release
+from .vocab import TIKTOKEN_FILE, write_harmony_vocab
+
+FLOATS = ("BF16", "F16", "F32")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")  # fmt: skip
+DEFAULT_SHARD_BYTES = 4 << 30
+
+
+@dataclass
+class Planned:
+    """One output tensor: its name, dtype, shape, and where its bytes come from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    op: str
+    sources: list[TensorInfo]
+
+    @property
+    def nbytes(self) -> int:
+        return DTYPE_SIZE[self.dtype] * int(np.prod(self.shape, dtype=np.int64))
+
+
+def _expected_params(config) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Our parameter names, shapes and kinds, read off the (lazy, never evaluated) model."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_gptoss.model import GptOss
+
+    kinds = {mx.uint32: "U32", mx.uint8: "U8"}
+    return {k: (tuple(v.shape), kinds.get(v.dtype, "float")) for k, v in tree_flatten(GptOss(config).parameters())}
+
+
+def _mismatch(release: Release, info: TensorInfo, ours: str, want: str) -> ConversionError:
+    return ConversionError(
+        f"{info.file}: tensor {info.name!r} is {info.dtype} {list(info.shape)}, expected {want} "
+        f"(for {ours!r}, from {release.root / 'config.json'})"
+    )
+
+
+def plan(release: Release) -> list[Planned]:
+    """Check every source tensor against the config and say how each output tensor is made."""
+    out, used = [], set()
+    for ours, (shape, kind) in _expected_params(release.config).items():
+        rule, i = rule_for(ours)
+        templates, op = rule.sources[release.layout]
+        infos = [release.tensor(t.format(i=i), ours) for t in templates]
+        used.update(x.name for x in infos)
+        src = infos[0]
+        if op in (COPY, CONCAT):
+            want = "U8" if kind == "U8" else " or ".join(FLOATS)
+            got = (sum(x.shape[0] for x in infos), *src.shape[1:]) if op == CONCAT else src.shape
+            dtypes_ok = all(x.dtype == src.dtype for x in infos) and (src.dtype in FLOATS or src.dtype == kind)
+            if got != shape or not dtypes_ok:
+                bad = next((x for x in infos if x.dtype != src.dtype), src)
+                raise _mismatch(release, bad, ours, f"{want} {list(shape)}" + (" after stacking" if op == CONCAT else ""))
+            out.append(Planned(ours, src.dtype, shape, op, infos))
+        elif op == BLOCKS:
+            want_shape = (*shape[:-1], shape[-1] // 4, 16)
+            if src.shape != want_shape or src.dtype != "U8":
+                raise _mismatch(release, src, ours, f"U8 {list(want_shape)}")
+            out.append(Planned(ours, "U32", shape, op, infos))
+        elif op in (QUANT_W, QUANT_S):
+            E, d_out, packed = shape
+            d_in = packed * (8 if op == QUANT_W else 32)
+            if src.shape != (E, d_in, d_out) or src.dtype not in FLOATS:
+                raise _mismatch(release, src, ours, f"float [{E}, {d_in}, {d_out}] (experts as [E, in, out])")
+            out.append(Planned(ours, "U32" if op == QUANT_W else "U8", shape, op, infos))
+        else:  # pragma: no cover - the table only names the ops above
+            raise AssertionError(op)
+    unused = sorted(set(release.tensors) - used)
+    if unused:
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        raise ConversionError(
+            f"{release.root}: tensor(s) not described by config.json: {', '.join(unused[:5])}{more} "
+            "(does num_hidden_layers / num_local_experts match the weights?)"
+        )
+    return out
+
+
+def _quantize_expert(info: TensorInfo, e: int, fh: BinaryIO) -> tuple[np.ndarray, np.ndarray]:
+    """Dense expert e [in, out] -> MXFP4 (codes [out, in/8] u32, scales [out, in/32] u8) of its transpose."""
+    import mlx.core as mx
+
+    _, d_in, d_out = info.shape
+    size = DTYPE_SIZE[info.dtype] * d_in * d_out
+    fh.seek(info.begin + e * size)
+    raw = np.frombuffer(fh.read(size), dtype=np.uint16 if info.dtype == "BF16" else {"F16": np.float16, "F32": np.float32}[info.dtype])
+    w = mx.array(raw).view(mx.bfloat16) if info.dtype == "BF16" else mx.array(raw)
+    codes, scales = mx.quantize(w.reshape(d_in, d_out).T.astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
+    mx.eval(codes, scales)
+    return np.array(codes), np.array(scales)
+
+
+class _Streamer:
+    """Produces the bytes of planned tensors, one chunk (or one expert) at a time."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, BinaryIO] = {}
+        self._scales: dict[str, list[np.ndarray]] = {}
+
+    def fh(self, path: Path) -> BinaryIO:
+        if path not in self._files:
+            self._files[path] = open(path, "rb")
+        return self._files[path]
+
+    def chunks(self, p: Planned) -> Iterable[bytes | np.ndarray]:
+        if p.op in (COPY, CONCAT, BLOCKS):
+            for info in p.sources:
+                yield from info.iter_chunks(self.fh(info.file))
+            return
+        info = p.sources[0]
+        if p.op == QUANT_S and info.name in self._scales:
+            yield from self._scales.pop(info.name)
+            return
+        scales = []
+        for e in range(info.shape[0]):
+            codes, s = _quantize_expert(info, e, self.fh(info.file))
+            scales.append(s)
+            yield codes if p.op == QUANT_W else s
+        if p.op == QUANT_W:
+            self._scales[info.name] = scales  # the matching .scales tensor follows
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+def _shards(planned: list[Planned], shard_bytes: int) -> list[list[Planned]]:
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for p in planned:
+        if shards[-1] and size + p.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += p.nbytes
+    return shards
+
+
+def _write_metadata(release: Release, dst: Path, src_label: str, weight_map: dict[str, str], total: int) -> list[str]:
+    from mlx_gptoss import __version__
+
+    notes = []
+    config = release.config.to_dict()
+    config["mlx_gptoss"] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "converter_version": __version__,
+        "source": src_label,
+        "source_layout": release.layout,
+        "experts": "mxfp4 (released codes and scales, bit-exact)" if release.layout != "hf-dense"
+        else "mxfp4 (quantized from dense experts by the converter)",
+    }  # fmt: skip
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    index = {"metadata": {"total_size": total, "format": FORMAT_NAME}, "weight_map": weight_map}
+    (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if release.tokenizer_dir is None:
+        notes.append("no tokenizer.json found next to the weights: copy the tokenizer files in by hand")
+        return notes
+    for name in TOKENIZER_FILES:
+        if (release.tokenizer_dir / name).is_file():
+            shutil.copy2(release.tokenizer_dir / name, dst / name)
+    if not write_harmony_vocab(release.tokenizer_dir / "tokenizer.json", dst):
+        notes.append(
+            f"tokenizer.json is not o200k_harmony: {TIKTOKEN_FILE} was not written, "
+            "so harmony will need $TIKTOKEN_ENCODINGS_BASE or a network connection"
+        )
+    return notes
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    force: bool = False,
+    layout: str | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool | Callable | None = None,
+) -> Path:
+    """Convert a released gpt-oss checkpoint folder (HF layout, original/, or dense experts) to ours.
+
+    Args:
+        src: the released checkpoint's folder.
+        dst: the folder to create. An existing one is refused unless ``force``.
+        layout: force a source layout ("hf", "hf-dense", "original"); detected from tensor names if None.
+        shard_bytes: largest output shard.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns the destination path. On any error nothing is left at ``dst`` (nor beside it).
+    """
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst}: already exists (use --force to replace it)")
+    release = open_release(src, layout)
+    if dst.resolve() == release.root.resolve() or release.root.resolve() in dst.resolve().parents:
+        raise ConversionError(f"{dst}: the destination must not be inside the source checkpoint")
+    planned = plan(release)
+    shards = _shards(planned, shard_bytes)
+    total = sum(p.nbytes for p in planned)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to this user
+    streamer = _Streamer()
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not show)
+    try:
+        weight_map = {}
+        for n, shard in enumerate(shards):
+            fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+            entries = [(p.name, p.dtype, p.shape) for p in shard]
+            with SafetensorsWriter(tmp / fname, entries, {"format": "mlx"}) as w:
+                for p in shard:
+                    for chunk in streamer.chunks(p):
+                        w.write(p.name, chunk)
+                        bar.update(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes)
+                    weight_map[p.name] = fname
+        notes = _write_metadata(release, tmp, str(src), weight_map, total)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        streamer.close()
+        bar.close()
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return dst

@@ -1,0 +1,156 @@
+"""The one table of release-key transforms, and the MLX checkpoint layout they produce.
+
+Every tensor of the converted checkpoint is named after a parameter of ``mlx_gptoss.model.GptOss``
+and is stored exactly as that parameter is laid out, so the loader reads it without renaming,
+re-layout or copies. FORMAT_VERSION changes whenever that layout changes.
+
+Layout, format version 1 (``{i}`` is the layer index; Q = Hq·D, KV = Hkv·D):
+
+    embed_tokens.weight                              [V, H]                   float (as released)
+    layers.{i}.input_layernorm.weight                [H]
+    layers.{i}.self_attn.qkv.weight / .bias          [Q + 2·KV, H] / [Q+2·KV]  q, k, v stacked on rows
+    layers.{i}.self_attn.o_proj.weight / .bias       [H, Q] / [H]
+    layers.{i}.self_attn.sinks                       [Hq]
+    layers.{i}.post_attention_layernorm.weight       [H]
+    layers.{i}.mlp.router.weight / .bias             [E, H] / [E]
+    layers.{i}.mlp.gate_up.weight                    [E, 2I, H/8]  U32   MXFP4 codes, rows interleaved
+    layers.{i}.mlp.gate_up.scales                    [E, 2I, H/32] U8    E8M0 scales  (gate 2j, up 2j+1)
+    layers.{i}.mlp.gate_up.bias                      [E, 2I]
+    layers.{i}.mlp.down.weight / .scales / .bias     [E, H, I/8] U32 / [E, H, I/32] U8 / [E, H]
+    norm.weight                                      [H]
+    lm_head.weight                                   [V, H]
+
+MXFP4 codes are the released ``*_blocks`` bytes unchanged: [E, out, in/32, 16] U8 read as
+little-endian U32 words is exactly MLX's ``mode="mxfp4"`` packing (element 2k in the low nibble).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from mlx_gptoss.loader import FORMAT_NAME, FORMAT_VERSION  # noqa: F401 - the format is the loader's contract
+
+# Source layouts, detected from the tensor names (never from paths).
+HF = "hf"  # released Hugging Face layout, MXFP4 experts as *_blocks / *_scales
+HF_DENSE = "hf-dense"  # Hugging Face layout with dense float experts [E, in, out] (fine-tuned exports)
+ORIGINAL = "original"  # openai's original/ layout
+LAYOUTS = (HF, HF_DENSE, ORIGINAL)
+
+# Ops: how the source tensors become ours.
+COPY = "copy"  # bytes unchanged
+CONCAT = "concat"  # sources stacked along axis 0 (bytes appended)
+BLOCKS = "blocks"  # MXFP4 blocks [E, out, in/32, 16] U8 -> [E, out, in/8] U32, bytes unchanged
+QUANT_W = "quantize-weight"  # dense [E, in, out] float -> MXFP4 codes of its transpose
+QUANT_S = "quantize-scales"  # ... and the matching E8M0 scales
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one of our tensors is made in each source layout: (source key templates, op)."""
+
+    ours: str
+    sources: dict[str, tuple[tuple[str, ...], str]]
+
+
+def _same(hf: str, orig: str, op: str = COPY) -> dict[str, tuple[tuple[str, ...], str]]:
+    return {HF: ((hf,), op), HF_DENSE: ((hf,), op), ORIGINAL: ((orig,), op)}
+
+
+_L = "model.layers.{i}."
+_E = _L + "mlp.experts."
+_B = "block.{i}."
+
+TABLE: tuple[Rule, ...] = (
+    Rule("embed_tokens.weight", _same("model.embed_tokens.weight", "embedding.weight")),
+    Rule("layers.{i}.input_layernorm.weight", _same(_L + "input_layernorm.weight", _B + "attn.norm.scale")),
+    Rule("layers.{i}.self_attn.qkv.weight", {
+        HF: ((_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"), CONCAT),
+        HF_DENSE: ((_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"), CONCAT),
+        ORIGINAL: ((_B + "attn.qkv.weight",), COPY),
+    }),
+    Rule("layers.{i}.self_attn.qkv.bias", {
+        HF: ((_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"), CONCAT),
+        HF_DENSE: ((_L + "self_attn.q_proj.bias", _L + "self_attn.k_proj.bias", _L + "self_attn.v_proj.bias"), CONCAT),
+        ORIGINAL: ((_B + "attn.qkv.bias",), COPY),
+    }),
+    Rule("layers.{i}.self_attn.o_proj.weight", _same(_L + "self_attn.o_proj.weight", _B + "attn.out.weight")),
+    Rule("layers.{i}.self_attn.o_proj.bias", _same(_L + "self_attn.o_proj.bias", _B + "attn.out.bias")),
+    Rule("layers.{i}.self_attn.sinks", _same(_L + "self_attn.sinks", _B + "attn.sinks")),
+    Rule("layers.{i}.post_attention_layernorm.weight",
+         _same(_L + "post_attention_layernorm.weight", _B + "mlp.norm.scale")),
+    Rule("layers.{i}.mlp.router.weight", _same(_L + "mlp.router.weight", _B + "mlp.gate.weight")),
+    Rule("layers.{i}.mlp.router.bias", _same(_L + "mlp.router.bias", _B + "mlp.gate.bias")),
+    Rule("layers.{i}.mlp.gate_up.weight", {
+        HF: ((_E + "gate_up_proj_blocks",), BLOCKS),
+        HF_DENSE: ((_E + "gate_up_proj",), QUANT_W),
+        ORIGINAL: ((_B + "mlp.mlp1_weight.blocks",), BLOCKS),
+    }),
+    Rule("layers.{i}.mlp.gate_up.scales", {
+        HF: ((_E + "gate_up_proj_scales",), COPY),
+        HF_DENSE: ((_E + "gate_up_proj",), QUANT_S),
+        ORIGINAL: ((_B + "mlp.mlp1_weight.scales",), COPY),
+    }),
+    Rule("layers.{i}.mlp.gate_up.bias", _same(_E + "gate_up_proj_bias", _B + "mlp.mlp1_bias")),
+    Rule("layers.{i}.mlp.down.weight", {
+        HF: ((_E + "down_proj_blocks",), BLOCKS),
+        HF_DENSE: ((_E + "down_proj",), QUANT_W),
+        ORIGINAL: ((_B + "mlp.mlp2_weight.blocks",), BLOCKS),
+    }),
+    Rule("layers.{i}.mlp.down.scales", {
+        HF: ((_E + "down_proj_scales",), COPY),
+        HF_DENSE: ((_E + "down_proj",), QUANT_S),
+        ORIGINAL: ((_B + "mlp.mlp2_weight.scales",), COPY),
+    }),
+    Rule("layers.{i}.mlp.down.bias", _same(_E + "down_proj_bias", _B + "mlp.mlp2_bias")),
+    Rule("norm.weight", _same("model.norm.weight", "norm.scale")),
+    Rule("lm_head.weight", _same("lm_head.weight", "unembedding.weight")),
+)  # fmt: skip
+
+# openai's original/config.json -> Hugging Face style keys (the model config reads the latter).
+ORIGINAL_CONFIG_KEYS = {
+    "num_experts": "num_local_experts",
+    "experts_per_token": "num_experts_per_tok",
+}
+ORIGINAL_ROPE_KEYS = {
+    "rope_scaling_factor": "factor",
+    "rope_ntk_alpha": "beta_slow",
+    "rope_ntk_beta": "beta_fast",
+    "initial_context_length": "original_max_position_embeddings",
+}
+
+
+def original_config_to_hf(d: dict) -> dict:
+    """Translate openai's original/config.json into the Hugging Face style keys."""
+    out = {ORIGINAL_CONFIG_KEYS.get(k, k): v for k, v in d.items() if k not in ORIGINAL_ROPE_KEYS}
+    rope = {ORIGINAL_ROPE_KEYS[k]: v for k, v in d.items() if k in ORIGINAL_ROPE_KEYS}
+    # openai's implementation never rounds the YaRN correction range.
+    out["rope_scaling"] = {"rope_type": "yarn", "truncate": False, **rope}
+    if "initial_context_length" in d and "rope_scaling_factor" in d:
+        out["max_position_embeddings"] = int(d["initial_context_length"] * d["rope_scaling_factor"])
+    out.setdefault("model_type", "gpt_oss")
+    return out
+
+
+def detect_layout(names: set[str]) -> str | None:
+    """Which source layout a set of tensor names is in, or None."""
+    if "embedding.weight" in names or any(n.startswith("block.") for n in names):
+        return ORIGINAL
+    if any(n.endswith("mlp.experts.gate_up_proj_blocks") for n in names):
+        return HF
+    if any(n.endswith("mlp.experts.gate_up_proj") for n in names):
+        return HF_DENSE
+    return None
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def rule_for(our_key: str) -> tuple[Rule, int | None]:
+    """The table row for one of our keys, and its layer index (None outside the layers)."""
+    m = _LAYER.match(our_key)
+    template = _LAYER.sub("layers.{i}.", our_key) if m else our_key
+    for rule in TABLE:
+        if rule.ours == template:
+            return rule, int(m.group(1)) if m else None
+    raise KeyError(f"no conversion rule for {our_key!r}")

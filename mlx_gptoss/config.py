@@ -1,0 +1,220 @@
+"""The one source of truth for gpt-oss hyper-parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a gpt-oss model."""
+
+
+@dataclass(frozen=True)
+class YarnScaling:
+    """YaRN RoPE scaling as gpt-oss uses it (``truncate=False``: the correction range is not rounded)."""
+
+    factor: float = 32.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    original_max_position_embeddings: int = 4096
+    truncate: bool = False
+
+    @property
+    def attention_factor(self) -> float:
+        """YaRN's "concentration": multiplies both cos and sin."""
+        return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class GptOssConfig:
+    """Hyper-parameters of a gpt-oss model, read from a (Hugging Face style) config.json.
+
+    Unknown keys are ignored; missing required keys raise :class:`ConfigError` naming them.
+    """
+
+    num_hidden_layers: int
+    num_local_experts: int
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    head_dim: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    num_experts_per_tok: int = 4
+    sliding_window: int = 128
+    layer_types: tuple[str, ...] = ()
+    rope_theta: float = 150000.0
+    rope_scaling: YarnScaling | None = field(default_factory=YarnScaling)
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0
+    # Not in the released config.json: the sigmoid gain of gpt-oss's clamped SwiGLU.
+    swiglu_alpha: float = 1.702
+    max_position_embeddings: int = 131072
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    model_type: str = "gpt_oss"
+
+    REQUIRED = (
+        "num_hidden_layers",
+        "num_local_experts",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    )
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            # Released default: sliding first, then alternating.
+            types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers))
+            object.__setattr__(self, "layer_types", types)
+        problems = []
+        if len(self.layer_types) != self.num_hidden_layers:
+            problems.append(
+                f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_hidden_layers}"
+            )
+        if bad := sorted(set(self.layer_types) - {SLIDING, FULL}):
+            problems.append(f"layer_types has unknown entries {bad}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append("num_attention_heads must be a multiple of num_key_value_heads")
+        if not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            problems.append("num_experts_per_tok must be in 1..num_local_experts")
+        if self.hidden_size % 32 or self.intermediate_size % 32:
+            problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 groups)")
+        if problems:
+            raise ConfigError("invalid gpt-oss config: " + "; ".join(problems))
+
+    # -- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> "GptOssConfig":
+        """Build from a Hugging Face style gpt-oss config dict (as in the released config.json)."""
+        model_type = d.get("model_type", "gpt_oss")
+        if model_type != "gpt_oss":
+            raise ConfigError(f"{source}: model_type {model_type!r} is not supported (expected 'gpt_oss')")
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+        if "num_experts_per_tok" not in d and "experts_per_token" in d:
+            kw["num_experts_per_tok"] = d["experts_per_token"]
+        if "layer_types" in kw and kw["layer_types"] is not None:
+            kw["layer_types"] = tuple(kw["layer_types"])
+        else:
+            kw.pop("layer_types", None)
+        if isinstance(kw.get("eos_token_id"), list):
+            kw["eos_token_id"] = tuple(kw["eos_token_id"])
+        # transformers >= 5 writes rope_parameters (with rope_theta inside); the release wrote rope_scaling.
+        rope = d.get("rope_scaling") or d.get("rope_parameters")
+        if rope and "rope_theta" in rope and "rope_theta" not in d:
+            kw["rope_theta"] = rope["rope_theta"]
+        kw["rope_scaling"] = cls._yarn_from_dict(rope, source)
+        for k in ("rope_theta", "rms_norm_eps", "swiglu_limit", "swiglu_alpha"):
+            if k in kw:
+                kw[k] = float(kw[k])
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @staticmethod
+    def _yarn_from_dict(rope: Mapping[str, Any] | None, source: str) -> YarnScaling | None:
+        if not rope:
+            return None
+        kind = rope.get("rope_type", rope.get("type", "yarn"))
+        if kind == "default":
+            return None
+        if kind != "yarn":
+            raise ConfigError(f"{source}: rope_scaling.rope_type {kind!r} is not supported (gpt-oss uses 'yarn')")
+        return YarnScaling(
+            factor=float(rope.get("factor", 32.0)),
+            beta_fast=float(rope.get("beta_fast", 32.0)),
+            beta_slow=float(rope.get("beta_slow", 1.0)),
+            original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 4096)),
+            # transformers' default is to truncate; gpt-oss's released config says false.
+            truncate=bool(rope.get("truncate", True)),
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GptOssConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A Hugging Face style dict that :meth:`from_dict` reads back unchanged."""
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"rope_type": "yarn", **dataclasses.asdict(self.rope_scaling)}
+        if isinstance(self.eos_token_id, tuple):
+            d["eos_token_id"] = list(self.eos_token_id)
+        d["num_experts_per_tok"] = self.num_experts_per_tok
+        return d
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "GptOssConfig":
+        """A small model for tests: every architectural feature, few parameters."""
+        kw: dict[str, Any] = dict(
+            num_hidden_layers=4,
+            num_local_experts=8,
+            num_experts_per_tok=4,
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=64,
+            head_dim=16,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            sliding_window=16,
+            max_position_embeddings=4096,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def gpt_oss_20b(cls, **overrides: Any) -> "GptOssConfig":
+        """The released gpt-oss-20b shapes."""
+        return cls.tiny(**{**_SHAPES_20B, **overrides})
+
+    @classmethod
+    def gpt_oss_120b(cls, **overrides: Any) -> "GptOssConfig":
+        """The released gpt-oss-120b shapes."""
+        return cls.tiny(**{**_SHAPES_20B, "num_hidden_layers": 36, "num_local_experts": 128, **overrides})
+
+    # -- derived ----------------------------------------------------------------------------
+
+    @property
+    def qkv_dim(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+
+_SHAPES_20B: dict[str, Any] = dict(
+    num_hidden_layers=24,
+    num_local_experts=32,
+    vocab_size=201088,
+    hidden_size=2880,
+    intermediate_size=2880,
+    head_dim=64,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    sliding_window=128,
+    max_position_embeddings=131072,
+    eos_token_id=200002,
+    pad_token_id=199999,
+)

@@ -1,0 +1,148 @@
+"""Loading a converted checkpoint: strict, lazy, no re-layout.
+
+Nothing is read from disk until an array is evaluated (``mx.load`` is lazy); the checks below use
+the safetensors headers only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .config import GptOssConfig
+from .safetensors_io import SafetensorsError, read_header
+from .tokenizer import Tokenizer
+
+FORMAT_NAME = "mlx-gptoss"
+FORMAT_VERSION = 1
+INDEX = "model.safetensors.index.json"
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_ST_DTYPES = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U8": mx.uint8, "U32": mx.uint32}
+
+
+class LoadError(ValueError):
+    """A model folder that is not a valid converted checkpoint; the message names file and key."""
+
+
+def cache_root() -> Path:
+    """Where repo ids are converted once: ``$MLX_GPTOSS_CACHE`` or ``~/.cache/mlx-gptoss``."""
+    return Path(os.environ.get("MLX_GPTOSS_CACHE", Path.home() / ".cache" / "mlx-gptoss"))
+
+
+def resolve_model(path_or_repo: str | Path, *, progress: bool | None = None) -> Path:
+    """A converted model folder for a path or a Hugging Face repo id (downloaded and converted once)."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    name = str(path_or_repo)
+    if not _REPO_ID.match(name):
+        raise LoadError(f"{name}: no such folder, and not a Hugging Face repo id (owner/name)")
+    converted = cache_root() / "models" / name.replace("/", "--")
+    if (converted / "config.json").is_file():
+        return converted
+    from mlx_gptoss_convert import convert
+    from mlx_gptoss_convert.hub import download
+
+    convert(download(name), converted, progress=progress)
+    return converted
+
+
+def _format_check(path: Path, raw: dict) -> None:
+    fmt = raw.get("mlx_gptoss", {})
+    if fmt.get("format") != FORMAT_NAME:
+        hint = ""
+        if "quantization_config" in raw or raw.get("model_type") == "gpt_oss" or (path / "original").is_dir():
+            hint = f": it looks like a released checkpoint; convert it first (mlx-gptoss convert {path} DST)"
+        raise LoadError(f"{path / 'config.json'}: not an mlx-gptoss checkpoint{hint}")
+    if fmt.get("format_version") != FORMAT_VERSION:
+        raise LoadError(
+            f"{path / 'config.json'}: format version {fmt.get('format_version')} is not the supported "
+            f"{FORMAT_VERSION}; re-convert it with this version of mlx-gptoss"
+        )
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise LoadError(f"{path}: missing shard(s) {', '.join(missing)} listed in {INDEX}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{path}: no *.safetensors files")
+    return files
+
+
+def load_weights(path: Path, expected: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Lazily load every shard, after checking names, shapes and dtypes against ``expected``."""
+    seen: dict[str, Path] = {}
+    weights: dict[str, mx.array] = {}
+    for f in _shards(path):
+        try:
+            header, _ = read_header(f)
+        except SafetensorsError as e:
+            raise LoadError(str(e)) from None
+        for name, info in header.items():
+            if name not in expected:
+                raise LoadError(f"{f}: unexpected tensor {name!r} (does config.json match the weights?)")
+            want = expected[name]
+            dtype = _ST_DTYPES.get(info.dtype)
+            float_ok = dtype is not None and mx.issubdtype(dtype, mx.floating) and mx.issubdtype(want.dtype, mx.floating)
+            if info.shape != tuple(want.shape) or not (float_ok or dtype == want.dtype):
+                raise LoadError(
+                    f"{f}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected "
+                    f"{'float' if mx.issubdtype(want.dtype, mx.floating) else want.dtype} {list(want.shape)}"
+                )
+            seen[name] = f
+        weights.update(mx.load(str(f)))
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise LoadError(f"{path}: missing tensor(s) {', '.join(missing[:3])}{more}")
+    return weights
+
+
+def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None) -> "GptOss":  # noqa: F821
+    """Load a converted gpt-oss model (a folder, or a Hugging Face repo id converted once into a cache).
+
+    Args:
+        path_or_repo: a folder written by ``mlx-gptoss convert``, or a repo id such as
+            ``openai/gpt-oss-20b`` (downloaded and converted on first use).
+        dtype: dtype of everything that is not an MXFP4 expert (default ``mx.bfloat16``;
+            ``mx.float32`` for verification).
+
+    Returns a :class:`~mlx_gptoss.model.GptOss` with ``.config`` and ``.tokenizer``. Nothing is
+    read from disk until it is used.
+    """
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from .model import GptOss
+
+    dtype = mx.bfloat16 if dtype is None else dtype
+    path = resolve_model(path_or_repo)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise LoadError(f"{path}: no config.json")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{cfg_path}: not valid JSON ({e})") from None
+    _format_check(path, raw)
+    config = GptOssConfig.from_dict(raw, source=str(cfg_path))
+    model = GptOss(config)
+    expected = dict(tree_flatten(model.parameters()))
+    weights = load_weights(path, expected)
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v for k, v in weights.items()}
+    model.update(tree_unflatten(list(weights.items())))
+    model.tokenizer = Tokenizer(path)
+    model.path = path
+    return model

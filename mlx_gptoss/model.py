@@ -1,0 +1,134 @@
+"""gpt-oss in MLX: the architecture, nothing else.
+
+Parameter names are the keys of the converted checkpoint (see ``convert/layout.py``), so loading
+needs no renaming. Shape legend: B batch, T tokens, H hidden, E experts, K experts per token,
+Hq/Hkv query/key-value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import kernels
+from .cache import KVCache, SlidingKVCache, causal_mask, window_mask
+from .config import FULL, SLIDING, GptOssConfig
+from .rope import YarnRope
+
+
+class Attention(nn.Module):
+    """GQA with biases, learned per-head sinks and an optional sliding window."""
+
+    def __init__(self, cfg: GptOssConfig, rope: YarnRope):
+        super().__init__()
+        self.n_q, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # q, k and v stacked on rows (as in openai's original layout): one matmul instead of three.
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_q * self.head_dim, cfg.hidden_size, bias=True)
+        self.sinks = mx.zeros((self.n_q,))
+        self._rope = rope
+        self._scale = rope.logit_scale / math.sqrt(self.head_dim)
+
+    def __call__(self, x: mx.array, mask: Any, cache: KVCache | SlidingKVCache | None) -> mx.array:
+        B, T, _ = x.shape
+        D, q_end, k_end = self.head_dim, self.n_q * self.head_dim, (self.n_q + self.n_kv) * self.head_dim
+        qkv = self.qkv(x)
+        q = qkv[..., :q_end].reshape(B, T, self.n_q, D).transpose(0, 2, 1, 3)
+        k = qkv[..., q_end:k_end].reshape(B, T, self.n_kv, D).transpose(0, 2, 1, 3)
+        v = qkv[..., k_end:].reshape(B, T, self.n_kv, D).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self._rope(q, offset), self._rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask, sinks=self.sinks)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class MXFP4Experts(nn.Module):
+    """E stacked linear maps stored as released MXFP4: codes [E, out, in/8] u32, scales [E, out, in/32] u8."""
+
+    def __init__(self, n_experts: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = mx.zeros((n_experts, d_out, d_in // 8), dtype=mx.uint32)
+        self.scales = mx.zeros((n_experts, d_out, d_in // 32), dtype=mx.uint8)
+        self.bias = mx.zeros((n_experts, d_out))
+
+
+class MoE(nn.Module):
+    """Router (top-k, softmax over the selected) and MXFP4 experts with the clamped SwiGLU."""
+
+    def __init__(self, cfg: GptOssConfig):
+        super().__init__()
+        self.k, self.limit, self.alpha = cfg.num_experts_per_tok, cfg.swiglu_limit, cfg.swiglu_alpha
+        E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.router = nn.Linear(H, E, bias=True)
+        # gate_up keeps the released interleaving: row 2j is gate j, row 2j+1 is up j.
+        self.gate_up = MXFP4Experts(E, H, 2 * I)
+        self.down = MXFP4Experts(E, I, H)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, H]
+        indices, weights = kernels.route_topk_softmax(self.router(x), self.k)
+        g, d = self.gate_up, self.down
+        y = kernels.moe_mxfp4_swiglu(
+            x, indices, weights, g.weight, g.scales, g.bias, d.weight, d.scales, d.bias,
+            limit=self.limit, alpha=self.alpha,
+        )  # fmt: skip
+        return y.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GptOssConfig, rope: YarnRope):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rope)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MoE(cfg)
+
+    def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
+        x = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GptOss(nn.Module):
+    """The gpt-oss language model: ``model(ids[B, T], cache) -> logits[B, T, V]``.
+
+    ``make_cache()`` gives one cache per layer (sliding layers keep only their window); passing
+    it continues from where the previous call stopped.
+    """
+
+    def __init__(self, config: GptOssConfig):
+        super().__init__()
+        self.config = config
+        rope = YarnRope(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [Block(config, rope) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tokenizer: Any = None  # set by the loader
+
+    def make_cache(self) -> list[KVCache | SlidingKVCache]:
+        """Fresh per-layer KV caches."""
+        W = self.config.sliding_window
+        return [SlidingKVCache(W) if t == SLIDING else KVCache() for t in self.config.layer_types]
+
+    def _masks(self, T: int, cache: list | None) -> dict[str, Any]:
+        types = self.config.layer_types
+        sliding = cache[types.index(SLIDING)] if cache is not None and SLIDING in types else None
+        n_before = sliding.n_fetched_before(T) if sliding is not None else 0
+        return {FULL: causal_mask(T), SLIDING: window_mask(T, n_before, self.config.sliding_window)}
+
+    def hidden_states(self, ids: mx.array, cache: list | None = None) -> mx.array:
+        """The final-norm hidden states [B, T, H]."""
+        x = self.embed_tokens(ids)
+        masks = self._masks(ids.shape[1], cache)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, masks[self.config.layer_types[i]], cache[i] if cache is not None else None)
+        return self.norm(x)
+
+    def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
+        return self.lm_head(self.hidden_states(ids, cache))
