@@ -261,14 +261,15 @@ def write_release(
     layout: str = HF,
     seed: int = 0,
     shard_bytes: int = 4 << 30,
-    tokenizer: bool = False,
+    tokenizer: bool | Path = False,
     progress=None,
 ) -> Path:
     """Write a random gpt-oss checkpoint in a released layout to ``dst`` (created; must not exist).
 
     layout "hf" writes the Hugging Face layout (MXFP4 blocks/scales, index, config.json);
     "hf-dense" the same with dense bf16 experts [E, in, out]; "original" openai's layout under
-    ``dst/original``. ``tokenizer`` adds an o200k_harmony tokenizer.json (needs o200k_base).
+    ``dst/original``. ``tokenizer`` adds an o200k_harmony tokenizer.json (True: built from
+    o200k_base, a few seconds; a path: copied from there).
     """
     dst = Path(dst)
     dst.mkdir(parents=True)
@@ -287,7 +288,9 @@ def write_release(
         (dst / "original" / "config.json").write_text(json.dumps(original_config_dict(config), indent=2))
     else:
         raise ValueError(f"unknown layout {layout!r}")
-    if tokenizer:
+    if isinstance(tokenizer, Path):
+        shutil.copy2(tokenizer, dst / "tokenizer.json")
+    elif tokenizer:
         write_tokenizer_json(dst / "tokenizer.json")
     return dst
 

@@ -1,0 +1,126 @@
+"""``mlx-gptoss``: thin commands over the library (heavy imports happen inside each command)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+DEFAULT_MODEL = "openai/gpt-oss-20b"
+
+
+class _Fail(click.ClickException):
+    """A clear one-line error (click prints it as "Error: ..." and exits with status 1)."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlx-gptoss")
+def main() -> None:
+    """gpt-oss on MLX: convert released checkpoints, generate text."""
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--layout", type=click.Choice(["hf", "hf-dense", "original"]), default=None,
+              help="Source layout (default: detected from the tensor names).")  # fmt: skip
+@click.option("--shard-size", default="4GB", show_default=True, help="Largest output file.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str, progress: bool | None) -> None:
+    """Convert a released checkpoint SRC (folder or Hugging Face repo id) into DST.
+
+    SRC may be in the released Hugging Face layout (MXFP4 experts), openai's original/ layout,
+    or a Hugging Face layout with dense experts (quantized to MXFP4 here). Released MXFP4
+    experts are kept bit-exact.
+    """
+    from pathlib import Path
+
+    from mlx_gptoss.loader import _REPO_ID
+    from mlx_gptoss_convert import ConversionError
+    from mlx_gptoss_convert import convert as run
+
+    try:
+        shard_bytes = _parse_size(shard_size)
+        source = src
+        if not Path(src).expanduser().exists() and _REPO_ID.match(src):
+            from mlx_gptoss_convert.hub import download
+
+            source = download(src)
+        out = run(source, dst, force=force, layout=layout, shard_bytes=shard_bytes, progress=progress)
+    except (ConversionError, ValueError) as e:
+        raise _Fail(str(e)) from None
+    click.echo(f"converted {src} -> {out}", err=True)
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    try:
+        return int(float(num) * units[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"cannot read size {text!r} (e.g. 4GB, 512MB)") from None
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
+@click.option("--system", default=None, help="Instructions (harmony developer message).")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
+@click.option("--show-reasoning", is_flag=True, help="Stream the reasoning (analysis channel) to stderr.")
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the harmony format.")
+@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=None, type=int)
+@click.option("--prefill-step", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
+def generate(prompt: str | None, model: str, system: str | None, reasoning_effort: str, show_reasoning: bool,
+             raw: bool, max_tokens: int, temp: float, top_p: float, seed: int | None, prefill_step: int,
+             as_json: bool) -> None:  # fmt: skip
+    """Generate a reply to PROMPT (or to standard input when PROMPT is omitted or "-")."""
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise click.UsageError("give a PROMPT, or pipe one into standard input")
+        prompt = sys.stdin.read()
+    from mlx_gptoss.generate import generate as run
+    from mlx_gptoss.loader import load
+    from mlx_gptoss.tokenizer import TokenizerError
+
+    try:
+        lm = load(model)
+    except (ValueError, OSError, TokenizerError) as e:
+        raise _Fail(str(e)) from None
+
+    def on_text(channel: str | None, text: str) -> None:
+        if channel in (None, "final"):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        elif show_reasoning:
+            click.secho(text, err=True, nl=False, dim=True)
+
+    try:
+        result = run(lm, prompt, raw=raw, system=system, reasoning_effort=reasoning_effort,
+                     max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                     prefill_step=prefill_step, on_text=None if as_json else on_text)  # fmt: skip
+    except (ValueError, TokenizerError) as e:
+        raise _Fail(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    sys.stdout.write("\n")
+    click.echo(
+        f"prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.2f} tok/s | "
+        f"generation: {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s "
+        f"({result.finish_reason}) | peak memory {result.peak_memory_gb:.2f} GB, "
+        f"peak RSS {result.peak_rss_gb:.2f} GB",
+        err=True,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
