@@ -1,0 +1,188 @@
+"""End-to-end benchmark: mlx-gptoss vs mlx-lm on the same weights, in the same run.
+
+    python benchmarks/bench_e2e.py --release /tmp/gpt-oss-20b-random --converted /tmp/gpt-oss-20b-mlx \\
+        --prompt-tokens 16 --gen-tokens 8 --json bench-out/e2e.json --markdown bench-out/e2e.md
+
+``--release`` is a checkpoint in the released layout (mlx-lm loads it directly); ``--converted``
+is the same checkpoint after ``mlx-gptoss convert``. Each engine runs in its own process (so peak
+memory is its own) through the same measuring loop: load (including reading every weight), a
+warm-up (short prefill + a few decode steps, timed separately), then prefill of a fresh prompt
+and greedy decode. If an engine fails (e.g. runs out of memory), that is its recorded result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def peak_rss_gb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+def _load(engine: str, path: str):
+    """Returns (forward(ids[1, T], cache) -> logits, make_cache)."""
+    import mlx.core as mx
+
+    if engine == "mlx-gptoss":
+        import mlx_gptoss
+
+        model = mlx_gptoss.load(path)
+        mx.eval(model.parameters())
+        return (lambda ids, cache: model(ids, cache)), model.make_cache
+    if engine == "mlx-lm":
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(path))  # reads every weight (not lazy)
+        return (lambda ids, cache: model(ids, cache=cache)), (lambda: make_prompt_cache(model))
+    raise ValueError(engine)
+
+
+def _run(forward, make_cache, prompt: list[int], n_gen: int, prefill_step: int) -> dict:
+    """Prefill ``prompt`` (in chunks), then greedy-decode ``n_gen`` tokens; timings in seconds."""
+    import mlx.core as mx
+
+    cache = make_cache()
+    t0 = time.perf_counter()
+    for i in range(0, len(prompt) - 1, prefill_step):
+        forward(mx.array(prompt[i : min(i + prefill_step, len(prompt) - 1)])[None], cache)
+        mx.eval([c.state for c in cache])
+    y = mx.argmax(forward(mx.array(prompt[-1:])[None], cache)[:, -1, :], axis=-1)
+    mx.eval(y)
+    t1 = time.perf_counter()
+    tokens = [y.item()]
+    for _ in range(n_gen - 1):
+        y = mx.argmax(forward(y[:, None], cache)[:, -1, :], axis=-1)
+        mx.async_eval(y)
+        tokens.append(y.item())
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens}
+
+
+def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_tokens: int, prefill_step: int, seed: int) -> dict:
+    import mlx.core as mx
+    import numpy as np
+
+    out: dict = {"engine": engine}
+    __import__("mlx_gptoss.loader" if engine == "mlx-gptoss" else "mlx_lm.utils")  # import time is not load time
+    t = time.perf_counter()
+    forward, make_cache = _load(engine, path)
+    out["load_s"] = time.perf_counter() - t
+    rng = np.random.default_rng(seed)
+    vocab = min(json.loads((Path(path) / "config.json").read_text())["vocab_size"], 199998)  # ordinary tokens
+    warm = _run(forward, make_cache, rng.integers(0, vocab, warmup_tokens).tolist(), 3, prefill_step)
+    out["warmup_s"] = warm["prefill_s"] + warm["decode_s"]
+    mx.reset_peak_memory()
+    r = _run(forward, make_cache, rng.integers(0, vocab, prompt_tokens).tolist(), gen_tokens, prefill_step)
+    out["prefill_tok_s"] = prompt_tokens / r["prefill_s"]
+    out["decode_tok_s"] = (gen_tokens - 1) / r["decode_s"] if gen_tokens > 1 else None
+    out["tokens"] = r["tokens"]
+    out["peak_mlx_gb"] = mx.get_peak_memory() / 1e9
+    out["peak_rss_gb"] = peak_rss_gb()
+    out["device"] = str(mx.default_device())
+    return out
+
+
+def machine() -> dict:
+    import mlx.core as mx
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "mlx": mx.__version__,
+            "cpu_count": os.cpu_count(), "device": str(mx.default_device())}  # fmt: skip
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        info.update(cpu=cpu, ram_gb=round(mem / 1e6, 1))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    for pkg in ("mlx_gptoss", "mlx_lm"):
+        try:
+            info[pkg.replace("_", "-")] = __import__(pkg).__version__
+        except ImportError:
+            info[pkg.replace("_", "-")] = None
+    return info
+
+
+def markdown(res: dict) -> str:
+    m, a = res["machine"], res["args"]
+    rows = ["| engine | load s | warm-up s | prefill tok/s | decode tok/s | peak MLX GB | peak RSS GB |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in res["results"]:
+        if "error" in r:
+            rows.append(f"| {r['engine']} | failed: {r['error']} | | | | | |")
+            continue
+        dec = f"{r['decode_tok_s']:.3f}" if r.get("decode_tok_s") else "-"
+        rows.append(f"| {r['engine']} | {r['load_s']:.1f} | {r['warmup_s']:.1f} | {r['prefill_tok_s']:.3f} | {dec} "
+                    f"| {r['peak_mlx_gb']:.2f} | {r['peak_rss_gb']:.2f} |")  # fmt: skip
+    ok = {r["engine"]: r for r in res["results"] if "error" not in r}
+    if {"mlx-gptoss", "mlx-lm"} <= ok.keys():
+        ours, peer = ok["mlx-gptoss"], ok["mlx-lm"]
+        ratio = lambda k: f"{ours[k] / peer[k]:.2f}x" if ours.get(k) and peer.get(k) else "-"  # noqa: E731
+        rows.append(f"| **ratio** (ours / mlx-lm) | | | {ratio('prefill_tok_s')} | {ratio('decode_tok_s')} | | |")
+        same = sum(a == b for a, b in zip(ours["tokens"], peer["tokens"]))
+        rows.append(f"\nGreedy tokens agreeing with mlx-lm (bf16 both): {same} of {len(ours['tokens'])}.")
+    head = (f"Run {res['date']} on {m.get('cpu')} ({m['cpu_count']} cores, {m.get('ram_gb')} GB RAM), "
+            f"{m['platform']}, device {m['device']}; mlx {m['mlx']}, mlx-lm {m.get('mlx-lm')}, "
+            f"mlx-gptoss {m.get('mlx-gptoss')}.  \nWeights: {a['release']} (released layout, for mlx-lm) and "
+            f"{a['converted']} (converted, for mlx-gptoss); prompt {a['prompt_tokens']} tokens, "
+            f"{a['gen_tokens']} decoded (greedy), warm-up {a['warmup_tokens']} + 3 tokens.")  # fmt: skip
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--release", required=True, help="checkpoint in the released layout (for mlx-lm)")
+    ap.add_argument("--converted", required=True, help="the same checkpoint converted by mlx-gptoss")
+    ap.add_argument("--engines", default="mlx-gptoss,mlx-lm")
+    ap.add_argument("--prompt-tokens", type=int, default=16)
+    ap.add_argument("--gen-tokens", type=int, default=8)
+    ap.add_argument("--warmup-tokens", type=int, default=4)
+    ap.add_argument("--prefill-step", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--markdown", type=Path, default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        path = args.converted if args.worker == "mlx-gptoss" else args.release
+        res = worker(args.worker, path, args.prompt_tokens, args.gen_tokens, args.warmup_tokens, args.prefill_step, args.seed)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    results = []
+    for engine in args.engines.split(","):
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", engine]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if p.returncode != 0 or line is None:
+            if p.returncode < 0:
+                sig = signal.Signals(-p.returncode).name
+                why = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
+            else:
+                why = (p.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({"engine": engine, "error": f"exit {p.returncode}: {why}"})
+        else:
+            results.append(json.loads(line[len("RESULT "):]))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+           "args": {k: v for k, v in vars(args).items() if k not in ("worker", "json", "markdown")}, "results": results}  # fmt: skip
+    md = markdown(res)
+    print(md)
+    for path, text in ((args.json, json.dumps(res, indent=2)), (args.markdown, md)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

