@@ -5,7 +5,20 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-class KVCache:
+class _Cache:
+    keys: mx.array | None
+    values: mx.array | None
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.keys is None else [self.keys, self.values]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.state)
+
+
+class KVCache(_Cache):
     """Keys/values of every position so far, in a buffer that grows in steps (no copy per token)."""
 
     step = 256
@@ -38,16 +51,8 @@ class KVCache:
         self.offset -= n
         return n
 
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
-
-
-class SlidingKVCache:
+class SlidingKVCache(_Cache):
     """The last ``window`` positions only. Position p lives in slot ``p % window``.
 
     Decoding one token needs no mask: every stored key is inside the window, and attention does
@@ -106,14 +111,6 @@ class SlidingKVCache:
     def trim(self, n: int) -> int:
         """Sliding caches cannot go back: positions that left the window are gone."""
         return 0
-
-    @property
-    def state(self) -> list[mx.array]:
-        return [] if self.keys is None else [self.keys, self.values]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state)
 
 
 def window_mask(T: int, n_before: int, window: int) -> mx.array | str | None:
