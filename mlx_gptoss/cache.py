@@ -109,8 +109,20 @@ class SlidingKVCache(_Cache):
         return all_k, all_v
 
     def trim(self, n: int) -> int:
-        """Sliding caches cannot go back: positions that left the window are gone."""
+        """Sliding caches cannot go back by themselves (positions that left the window are gone):
+        restore a :meth:`snapshot` instead."""
         return 0
+
+    def snapshot(self) -> tuple:
+        """The cache's state now (cheap: arrays are shared until the cache writes again)."""
+        keys = None if self.keys is None else mx.array(self.keys)  # a new array object: later writes do not reach it
+        values = None if self.values is None else mx.array(self.values)
+        return keys, values, self.offset
+
+    def restore(self, snap: tuple) -> None:
+        keys, values, self.offset = snap
+        self.keys = None if keys is None else mx.array(keys)
+        self.values = None if values is None else mx.array(values)
 
 
 def window_mask(T: int, n_before: int, window: int) -> mx.array | str | None:

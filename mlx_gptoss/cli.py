@@ -17,7 +17,7 @@ class _Fail(click.ClickException):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-gptoss")
 def main() -> None:
-    """gpt-oss on MLX: convert released checkpoints, generate text."""
+    """gpt-oss on MLX: convert released checkpoints, generate text, chat."""
 
 
 @main.command()
@@ -120,6 +120,39 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
         f"peak RSS {result.peak_rss_gb:.2f} GB",
         err=True,
     )
+
+
+@main.command()
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
+@click.option("--system", "instructions", default=None, help="Instructions (harmony developer message).")
+@click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
+@click.option("--hide-reasoning", is_flag=True, help="Do not show the reasoning (toggle with /reasoning).")
+@click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--load", "load_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Continue a conversation saved with /save.")
+def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reasoning: bool, max_tokens: int,
+         temp: float, top_p: float, load_file: str | None) -> None:  # fmt: skip
+    """Chat in the terminal: streaming answers, reasoning dimmed, /help for commands."""
+    from pathlib import Path
+
+    from mlx_gptoss.chat import ChatSession
+    from mlx_gptoss.loader import load
+    from mlx_gptoss.repl import Repl
+    from mlx_gptoss.tokenizer import TokenizerError
+
+    defaults = {"max_tokens": max_tokens, "temperature": temp, "top_p": top_p}
+    try:
+        lm = load(model)
+        if load_file:
+            session = ChatSession.from_json(lm, Path(load_file).read_text(), **defaults)
+        else:
+            session = ChatSession(lm, instructions=instructions, reasoning_effort=reasoning_effort, **defaults)
+    except (ValueError, OSError, TokenizerError) as e:
+        raise _Fail(str(e)) from None
+    Repl(session, show_reasoning=not hide_reasoning).run()
 
 
 if __name__ == "__main__":  # pragma: no cover

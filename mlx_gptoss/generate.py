@@ -6,7 +6,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
@@ -23,8 +23,9 @@ class GenerationResult:
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop" (a stop token) or "length" (max_tokens reached)
+    finish_reason: str = "length"  # "stop", "length" (max_tokens), "tool_calls", "cancelled"
     prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually computed (the rest came from the KV cache)
     generation_tokens: int = 0
     prompt_tps: float = 0.0  # prefill tokens per second, up to the first generated token
     generation_tps: float = 0.0  # decode tokens per second after the first one
@@ -82,11 +83,22 @@ def stream_tokens(
     stop_tokens: Sequence[int] = (),
     prefill_step: int = DEFAULT_PREFILL_STEP,
     cache: list | None = None,
+    cached: int = 0,
+    sampler: Callable[[mx.array], mx.array] | None = None,
+    cancel: Any = None,
+    on_fed: Callable[[int], None] | None = None,
+    on_prefilled: Callable[[], None] | None = None,
     stats: GenerationResult | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids one by one (a stop token is yielded, then generation ends).
 
-    ``stats`` (if given) is filled in as generation goes: counts, speeds, memory, finish reason.
+    Args:
+        cache, cached: continue a cache that already holds ``prompt[:cached]``.
+        sampler: logits [1, V] -> token [1]; default from ``temp``/``top_p``.
+        cancel: anything with ``is_set()`` (a threading.Event); checked before each token.
+        on_fed: called with each generated token once the cache holds it.
+        on_prefilled: called once the cache holds all of the prompt but its last token.
+        stats: filled in as generation goes (counts, speeds, memory, finish reason).
     """
     stats = stats if stats is not None else GenerationResult()
     n_ctx = model.config.max_position_embeddings
@@ -99,17 +111,22 @@ def stream_tokens(
         )
     if seed is not None:
         mx.random.seed(seed)
-    sampler = make_sampler(temp, top_p)
+    sampler = sampler or make_sampler(temp, top_p)
     cache = model.make_cache() if cache is None else cache
+    if not 0 <= cached < len(prompt) or any(c.offset != cached for c in cache):
+        raise ValueError(f"the cache must hold exactly the first {cached} < {len(prompt)} prompt tokens")
     stops = set(stop_tokens)
     stats.prompt_tokens = len(prompt)
+    stats.prefill_tokens = len(prompt) - cached
     mx.reset_peak_memory()
 
     def step(ids: mx.array) -> mx.array:
         return sampler(model(ids[None], cache)[:, -1, :])[0]
 
     t0 = time.perf_counter()
-    prefill(model, prompt[:-1], cache, prefill_step)
+    prefill(model, prompt[cached:-1], cache, prefill_step)
+    if on_prefilled is not None:
+        on_prefilled()
     y = step(mx.array(prompt[-1:]))
     mx.async_eval(y)
     t_first = None
@@ -119,9 +136,14 @@ def stream_tokens(
         if nxt is not None:
             mx.async_eval(nxt)
         token = y.item()
+        if nxt is not None and on_fed is not None:
+            on_fed(token)
         if t_first is None:
             t_first = time.perf_counter()
-            stats.prompt_tps = len(prompt) / (t_first - t0)
+            stats.prompt_tps = stats.prefill_tokens / (t_first - t0)
+        if cancel is not None and cancel.is_set():
+            stats.finish_reason = "cancelled"
+            return
         stats.tokens.append(token)
         stats.generation_tokens = n + 1
         if n > 0:
@@ -163,38 +185,35 @@ def generate(
     ``result.text`` is the final answer (harmony) or the whole continuation (raw);
     ``result.reasoning`` the analysis channel.
     """
-    from .harmony import ChannelSplitter, render_prompt
-
     tok = model.tokenizer
-    if isinstance(prompt, str):
-        ids = tok.encode(prompt, allow_special=True) if raw else render_prompt(
-            tok.encoding, prompt, system=system, reasoning_effort=reasoning_effort
-        )
-    else:
-        ids = list(prompt)
+    if isinstance(prompt, str) and not raw:
+        # harmony: the same code path as chat sessions (one turn of a fresh session)
+        from .chat import ChatSession, Done
+        from .harmony import CommentaryDelta, FinalDelta, ReasoningDelta
+
+        channels = {ReasoningDelta: "analysis", FinalDelta: "final", CommentaryDelta: "commentary"}
+        session = ChatSession(model, instructions=system, reasoning_effort=reasoning_effort)
+        for ev in session.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed):
+            if isinstance(ev, Done):
+                result = ev.reply.stats
+                result.text, result.reasoning = ev.reply.final, ev.reply.reasoning
+                return result
+            if on_text is not None and type(ev) in channels:
+                on_text(channels[type(ev)], ev.text)
+        raise RuntimeError("the chat stream ended without its Done event")
+    ids = tok.encode(prompt, allow_special=True) if isinstance(prompt, str) else list(prompt)
     result = GenerationResult()
-    splitter = None if raw else ChannelSplitter(tok.encoding)
     detok = tok.detokenizer()
-    parts: dict[str | None, list[str]] = {}
     stops = set(tok.stop_tokens)
-
-    def emit(channel: str | None, text: str) -> None:
-        parts.setdefault(channel, []).append(text)
-        if on_text is not None and text:
-            on_text(channel, text)
-
+    pieces = []
     for t in stream_tokens(model, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
                            stop_tokens=stops, prefill_step=prefill_step, stats=result):  # fmt: skip
-        if splitter is None:
-            if t not in stops:
-                emit(None, detok.add(t))
-        elif (delta := splitter.add(t)) is not None:
-            # text outside any channel is answer text too (a model that skipped the header)
-            emit(delta.channel or "final", delta.text)
-    if splitter is None:
-        emit(None, detok.flush())
-        result.text = "".join(parts.get(None, []))
-    else:
-        result.text = "".join(parts.get("final", []))
-        result.reasoning = "".join(parts.get("analysis", []))
+        text = detok.add(t) if t not in stops else ""
+        pieces.append(text)
+        if on_text is not None and text:
+            on_text(None, text)
+    tail = detok.flush()
+    if on_text is not None and tail:
+        on_text(None, tail)
+    result.text = "".join(pieces) + tail
     return result

@@ -111,7 +111,7 @@ def load_weights(path: Path, expected: dict[str, mx.array]) -> dict[str, mx.arra
     return weights
 
 
-def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None) -> "GptOss":  # noqa: F821
+def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None, lazy: bool = True) -> "GptOss":  # noqa: F821
     """Load a converted gpt-oss model (a folder, or a Hugging Face repo id converted once into a cache).
 
     Args:
@@ -119,9 +119,12 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None) -> "Gpt
             ``openai/gpt-oss-20b`` (downloaded and converted on first use).
         dtype: dtype of everything that is not an MXFP4 expert (default ``mx.bfloat16``;
             ``mx.float32`` for verification).
+        lazy: read weights on first use (default). ``False`` reads them all now. MLX evaluates a
+            lazy array only in the thread that built it: to use the model from another thread,
+            load it there, or load with ``lazy=False`` (a chat session reads them when created).
 
     Returns a :class:`~mlx_gptoss.model.GptOss` with ``.config`` and ``.tokenizer``. Nothing is
-    read from disk until it is used.
+    read from disk until it is used (unless ``lazy=False``).
     """
     from mlx.utils import tree_flatten, tree_unflatten
 
@@ -143,6 +146,8 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None) -> "Gpt
     weights = load_weights(path, expected)
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
+    if not lazy:
+        mx.eval(model.parameters())
     model.tokenizer = Tokenizer(path)
     model.path = path
     return model

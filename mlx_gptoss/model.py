@@ -111,6 +111,12 @@ class GptOss(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tokenizer: Any = None  # set by the loader
 
+    def chat(self, **options: Any) -> "ChatSession":  # noqa: F821
+        """A harmony chat session with this model; see :class:`mlx_gptoss.chat.ChatSession`."""
+        from .chat import ChatSession
+
+        return ChatSession(self, **options)
+
     def make_cache(self) -> list[KVCache | SlidingKVCache]:
         """Fresh per-layer KV caches."""
         W = self.config.sliding_window

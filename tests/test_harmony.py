@@ -6,7 +6,8 @@ from datetime import date
 
 import pytest
 
-from mlx_gptoss.harmony import ChannelSplitter, render_prompt
+from mlx_gptoss.harmony import (CommentaryDelta, FinalDelta, HarmonyStream, ReasoningDelta, ToolCallCompleted,
+                                ToolCallDelta, ToolCallStarted, render_prompt)
 from mlx_gptoss.tokenizer import Tokenizer
 
 
@@ -37,17 +38,83 @@ def test_stop_tokens_come_from_the_encoding(tok):
     assert tok.encode("<|end|>", allow_special=True)[0] not in stops  # ends the analysis, not the turn
 
 
-def test_splitter_separates_reasoning_from_the_answer(tok):
-    completion = ("<|channel|>analysis<|message|>User wants a sum. 2+2=4.<|end|>"
-                  "<|start|>assistant<|channel|>final<|message|>It is 4.<|return|>")  # fmt: skip
-    split = ChannelSplitter(tok.encoding)
-    parts: dict[str, str] = {}
-    for t in tok.encode(completion, allow_special=True):
-        d = split.add(t)
-        if d is not None:
-            parts[d.channel] = parts.get(d.channel, "") + d.text
-    assert parts == {"analysis": "User wants a sum. 2+2=4.", "final": "It is 4."}
-    assert split.error is None
+def run(tok, completion: str):
+    stream = HarmonyStream(tok.encoding)
+    events = [e for t in tok.encode(completion, allow_special=True) for e in stream.add(t)]
+    return events + stream.finish(), stream
+
+
+def texts(events, kind) -> str:
+    return "".join(e.text for e in events if isinstance(e, kind))
+
+
+def test_stream_separates_reasoning_from_the_answer(tok):
+    events, stream = run(tok, "<|channel|>analysis<|message|>User wants a sum. 2+2=4.<|end|>"
+                              "<|start|>assistant<|channel|>final<|message|>It is 4.<|return|>")  # fmt: skip
+    assert texts(events, ReasoningDelta) == "User wants a sum. 2+2=4."
+    assert texts(events, FinalDelta) == "It is 4."
+    assert stream.problems == [] and [m.channel for m in stream.messages] == ["analysis", "final"]
+
+
+def test_stream_tool_call(tok):
+    events, stream = run(tok, "<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary"
+                              ' to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>')  # fmt: skip
+    started = [e for e in events if isinstance(e, ToolCallStarted)]
+    done = [e.call for e in events if isinstance(e, ToolCallCompleted)]
+    assert [s.name for s in started] == ["get_weather"] and len(done) == 1
+    assert done[0].arguments == {"city": "Paris"} and done[0].recipient == "functions.get_weather"
+    assert texts(events, ToolCallDelta) == '{"city": "Paris"}' and done[0].id == started[0].call_id
+    assert stream.problems == []
+
+
+def test_stream_tool_call_with_invalid_json_is_flagged(tok):
+    events, stream = run(tok, '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1,,}<|call|>')
+    (call,) = [e.call for e in events if isinstance(e, ToolCallCompleted)]
+    assert call.arguments is None and "not valid JSON" in call.error and call.raw_arguments == '{"a": 1,,}'
+    assert any("not valid JSON" in p for p in stream.problems)
+
+
+def test_stream_preamble_and_unknown_channel(tok):
+    events, stream = run(tok, "<|channel|>commentary<|message|>Let me check.<|end|>"
+                              "<|start|>assistant<|channel|>weird<|message|>Text.<|return|>")  # fmt: skip
+    assert texts(events, CommentaryDelta) == "Let me check." and texts(events, FinalDelta) == "Text."
+    assert any("unknown channel 'weird'" in p for p in stream.problems)
+
+
+def test_stream_recovers_from_a_broken_header(tok):
+    events, stream = run(tok, "<|channel|><|message|>lost<|end|><|start|>assistant<|channel|>final<|message|>Found.<|return|>")
+    assert stream.problems and "Found." in texts(events, FinalDelta)
+
+
+def test_stream_truncated_tool_call(tok):
+    events, stream = run(tok, '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": ')
+    (call,) = [e.call for e in events if isinstance(e, ToolCallCompleted)]
+    assert call.error and "cut off" in call.error
+
+
+def test_random_token_streams_never_raise(tok):
+    """Thousands of seeded random streams (ordinary and harmony special tokens): no exception,
+    text events carry text, and every completed tool call has either arguments or an error."""
+    import numpy as np
+
+    specials = [tok.encode(s, allow_special=True)[0] for s in
+                ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")]  # fmt: skip
+    words = tok.encode(" final analysis commentary to=functions.x assistant json {\"a\": 1} hello")
+    rng = np.random.default_rng(0)
+    for case in range(3000):
+        n = int(rng.integers(1, 40))
+        pool = rng.random(n)
+        toks = [int(rng.choice(specials)) if p < 0.3 else int(rng.choice(words)) if p < 0.7 else int(rng.integers(0, 199998))
+                for p in pool]  # fmt: skip
+        stream = HarmonyStream(tok.encoding)
+        events = []
+        for t in toks:
+            events += stream.add(t)
+        events += stream.finish()
+        for e in events:
+            assert isinstance(getattr(e, "text", ""), str)
+            if isinstance(e, ToolCallCompleted):
+                assert (e.call.arguments is None) == (e.call.error is not None)
 
 
 def test_special_looking_text_stays_text_by_default(tok):

@@ -1,0 +1,148 @@
+"""The interactive terminal chat behind ``mlx-gptoss chat`` (a thin loop over ChatSession)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from .chat import ChatSession, Done
+from .harmony import EFFORTS, CommentaryDelta, FinalDelta, ReasoningDelta, ToolCallCompleted, ToolCallStarted
+
+HELP = """commands:
+  /reset               forget the conversation (keeps instructions and settings)
+  /effort low|medium|high
+  /reasoning           show or hide the reasoning
+  /save FILE           save the conversation (harmony conversation JSON)
+  /load FILE           continue a saved conversation
+  /help, /quit         (Ctrl-C stops an answer; Ctrl-D or /quit leaves)"""
+
+
+class Repl:
+    def __init__(self, session: ChatSession, *, show_reasoning: bool = True, options: dict[str, Any] | None = None,
+                 read: Callable[[str], str] = input, out: TextIO = sys.stdout, err: TextIO = sys.stderr):  # fmt: skip
+        self.session, self.show_reasoning, self.options = session, show_reasoning, options or {}
+        self.read, self.out, self.err = read, out, err
+        self.color = out.isatty()
+
+    def _dim(self, text: str) -> str:
+        return f"\033[2m{text}\033[0m" if self.color else text
+
+    def say(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+    def run(self) -> None:
+        self.say(f"chat with {getattr(self.session.model, 'path', 'the model')} — /help for commands")
+        while True:
+            try:
+                line = self.read(">>> ")
+            except EOFError:
+                self.say("")
+                return
+            except KeyboardInterrupt:
+                self.say("\n(Ctrl-D or /quit to leave)")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line) == "quit":
+                    return
+                continue
+            self.turn(line)
+
+    def command(self, line: str) -> str | None:
+        cmd, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if cmd in ("/quit", "/exit"):
+            return "quit"
+        if cmd == "/help":
+            self.say(HELP)
+        elif cmd == "/reset":
+            self.session.reset()
+            self.say("(conversation cleared)")
+        elif cmd == "/effort":
+            if arg not in EFFORTS:
+                self.say("usage: /effort low|medium|high")
+            else:
+                self.session.reasoning_effort = arg
+                self.say(f"(reasoning effort: {arg})")
+        elif cmd == "/reasoning":
+            self.show_reasoning = not self.show_reasoning
+            self.say(f"(reasoning {'shown' if self.show_reasoning else 'hidden'})")
+        elif cmd == "/save":
+            if not arg:
+                self.say("usage: /save FILE")
+            else:
+                self._save(Path(arg).expanduser())
+        elif cmd == "/load":
+            if not arg:
+                self.say("usage: /load FILE")
+            else:
+                try:
+                    payload = Path(arg).expanduser().read_text()
+                    self.session = ChatSession.from_json(self.session.model, payload, tools=list(self.session.tools.values()),
+                                                         **self.session.defaults)  # fmt: skip
+                    self.say(f"(loaded {len(self.session.messages)} messages from {arg})")
+                except (OSError, ValueError) as e:
+                    self.say(f"cannot load {arg}: {e}")
+        else:
+            self.say(f"unknown command {cmd} (/help)")
+        return None
+
+    def _save(self, path: Path) -> None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.session.to_json())
+            os.replace(tmp, path)
+            self.say(f"(saved to {path})")
+        except OSError as e:
+            self.say(f"cannot save to {path}: {e}")
+
+    def turn(self, text: str) -> None:
+        previous = signal.getsignal(signal.SIGINT)
+        in_main = _in_main_thread()
+        if in_main:
+            signal.signal(signal.SIGINT, lambda *_: self.session.cancel())  # Ctrl-C stops this answer only
+        shown_reasoning = False
+        try:
+            for ev in self.session.stream(text, **self.options):
+                if isinstance(ev, ReasoningDelta) and self.show_reasoning:
+                    self.out.write(self._dim(ev.text))
+                    shown_reasoning = True
+                elif isinstance(ev, (FinalDelta, CommentaryDelta)):
+                    if shown_reasoning:
+                        self.out.write("\n\n")
+                        shown_reasoning = False
+                    self.out.write(ev.text)
+                elif isinstance(ev, ToolCallStarted):
+                    self.out.write(self._dim(f"\n[calling {ev.name}] "))
+                elif isinstance(ev, ToolCallCompleted):
+                    self.out.write(self._dim(f"{ev.call.raw_arguments}\n"))
+                elif isinstance(ev, Done):
+                    self._stats(ev.reply)
+                self.out.flush()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stats(self, reply) -> None:
+        s = reply.stats
+        note = {"cancelled": " — stopped", "length": " — max tokens reached"}.get(reply.finish_reason, "")
+        self.out.write("\n")
+        self.say(self._dim(
+            f"[{s.generation_tokens} tokens{note} | prompt {s.prompt_tokens} ({s.prefill_tokens} new) at "
+            f"{s.prompt_tps:.1f} tok/s | decode {s.generation_tps:.1f} tok/s | peak {s.peak_memory_gb:.2f} GB]"
+        ))
+        for p in reply.problems:
+            self.say(self._dim(f"[warning: {p}]"))
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
