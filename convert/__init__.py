@@ -3,8 +3,8 @@
 Installed as ``mlx_gptoss_convert``; the source lives in the top-level ``convert/`` folder.
 """
 
-from .convert import convert, plan
+from .convert import PRESETS, convert, plan
 from .layout import FORMAT_VERSION, LAYOUTS
 from .source import ConversionError, open_release
 
-__all__ = ["convert", "plan", "open_release", "ConversionError", "FORMAT_VERSION", "LAYOUTS"]
+__all__ = ["PRESETS", "convert", "plan", "open_release", "ConversionError", "FORMAT_VERSION", "LAYOUTS"]

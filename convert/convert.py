@@ -6,6 +6,7 @@ temporary sibling folder and renamed into place only when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,9 +18,11 @@ from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 
+from mlx_gptoss.config import GptOssConfig, QuantSpec
 from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, fsync_dir
 
-from .layout import BLOCKS, CONCAT, COPY, FORMAT_NAME, FORMAT_VERSION, QUANT_S, QUANT_W, rule_for
+from .layout import (BLOCKS, CONCAT, COPY, FORMAT_NAME, FORMAT_VERSION, QLIN_B, QLIN_OPS, QLIN_S, QLIN_W, QUANT_S, QUANT_W,
+                     quantizable, rule_for)  # fmt: skip
 from .source import INDEX, ConversionError, Release, open_release
 from .vocab import TIKTOKEN_FILE, write_harmony_vocab
 
@@ -27,6 +30,13 @@ FLOATS = ("BF16", "F16", "F32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")  # fmt: skip
 DEFAULT_SHARD_BYTES = 4 << 30
+# Storage presets for the non-expert weights (the MXFP4 experts are never changed).
+PRESETS: dict[str, dict[str, QuantSpec | None]] = {
+    "none": {},
+    # 16 GB Macs: measured in benchmarks/RESULTS.md ("Quality of non-expert quantization").
+    "16gb": {"attention": QuantSpec("affine", 8, 64), "lm_head": QuantSpec("affine", 8, 64),
+             "embed_tokens": QuantSpec("affine", 8, 64)},
+}
 
 
 @dataclass
@@ -38,6 +48,7 @@ class Planned:
     shape: tuple[int, ...]
     op: str
     sources: list[TensorInfo]
+    spec: QuantSpec | None = None
 
     @property
     def nbytes(self) -> int:
@@ -62,16 +73,31 @@ def _mismatch(release: Release, info: TensorInfo, ours: str, want: str) -> Conve
     )
 
 
-def plan(release: Release) -> list[Planned]:
-    """Check every source tensor against the config and say how each output tensor is made."""
+def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
+    """Check every source tensor against the config and say how each output tensor is made.
+
+    ``config`` is the output's config (the release's, plus any quantization chosen).
+    """
+    config = config or release.config
     out, used = [], set()
-    for ours, (shape, kind) in _expected_params(release.config).items():
-        rule, i = rule_for(ours)
+    for ours, (shape, kind) in _expected_params(config).items():
+        comp = quantizable(ours)
+        spec = config.quant(comp) if comp else None
+        module, _, leaf = ours.rpartition(".")
+        rule, i = rule_for(module + ".weight" if spec else ours)
         templates, op = rule.sources[release.layout]
         infos = [release.tensor(t.format(i=i), ours) for t in templates]
         used.update(x.name for x in infos)
         src = infos[0]
-        if op in (COPY, CONCAT):
+        if spec is not None:
+            rows, cols = sum(x.shape[0] for x in infos), src.shape[1]
+            d_in = shape[1] * 32 // spec.bits if leaf == "weight" else shape[1] * spec.group_size
+            want = (rows, cols * spec.bits // 32) if leaf == "weight" else (rows, cols // spec.group_size)
+            if want != shape or any(x.dtype not in FLOATS or x.shape[1:] != (cols,) for x in infos):
+                raise _mismatch(release, src, ours, f"float [{shape[0]}, {d_in}] (to store as {spec})")
+            dtype = {"weight": "U32", "scales": "U8" if spec.mode == "mxfp8" else src.dtype, "biases": src.dtype}[leaf]
+            out.append(Planned(ours, dtype, shape, QLIN_OPS[leaf], infos, spec))
+        elif op in (COPY, CONCAT):
             want = "U8" if kind == "U8" else " or ".join(FLOATS)
             got = (sum(x.shape[0] for x in infos), *src.shape[1:]) if op == CONCAT else src.shape
             dtypes_ok = all(x.dtype == src.dtype for x in infos) and (src.dtype in FLOATS or src.dtype == kind)
@@ -116,12 +142,38 @@ def _quantize_expert(info: TensorInfo, e: int, fh: BinaryIO) -> tuple[np.ndarray
     return np.array(codes), np.array(scales)
 
 
+def _rows(infos: list[TensorInfo], fh, max_bytes: int = 64 << 20) -> Iterable[np.ndarray]:
+    """The rows of the stacked source tensors, a chunk at a time, as float arrays (bf16 as uint16)."""
+    for info in infos:
+        row_bytes = DTYPE_SIZE[info.dtype] * info.shape[1]
+        step = max(1, max_bytes // row_bytes)
+        for r in range(0, info.shape[0], step):
+            n = min(step, info.shape[0] - r)
+            f = fh(info.file)
+            f.seek(info.begin + r * row_bytes)
+            yield info.dtype, np.frombuffer(f.read(n * row_bytes), dtype={"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[info.dtype]).reshape(n, -1)
+
+
+def _quantize_rows(dtype: str, rows: np.ndarray, spec: QuantSpec) -> dict[str, np.ndarray]:
+    import mlx.core as mx
+
+    w = mx.array(rows).view(mx.bfloat16) if dtype == "BF16" else mx.array(rows)
+    parts = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
+    mx.eval(parts)
+    out = {"weight": parts[0], "scales": parts[1]}
+    if len(parts) > 2:
+        out["biases"] = parts[2]
+    # bf16 scales/biases leave as their bit patterns (numpy has no bfloat16)
+    return {k: np.array(v.view(mx.uint16) if v.dtype == mx.bfloat16 else v) for k, v in out.items()}
+
+
 class _Streamer:
     """Produces the bytes of planned tensors, one chunk (or one expert) at a time."""
 
     def __init__(self) -> None:
         self._files: dict[Path, BinaryIO] = {}
         self._scales: dict[str, list[np.ndarray]] = {}
+        self._qparts: dict[tuple, dict[str, list[np.ndarray]]] = {}
 
     def fh(self, path: Path) -> BinaryIO:
         if path not in self._files:
@@ -129,6 +181,22 @@ class _Streamer:
         return self._files[path]
 
     def chunks(self, p: Planned) -> Iterable[bytes | np.ndarray]:
+        if p.op in (QLIN_W, QLIN_S, QLIN_B):
+            leaf = {QLIN_W: "weight", QLIN_S: "scales", QLIN_B: "biases"}[p.op]
+            key = tuple(x.name for x in p.sources)
+            memo = self._qparts.get(key)
+            if memo is not None and leaf in memo:
+                yield from memo.pop(leaf)
+                return
+            kept: dict[str, list[np.ndarray]] = {}
+            for dtype, rows in _rows(p.sources, self.fh):
+                parts = _quantize_rows(dtype, rows, p.spec)
+                for k, v in parts.items():
+                    if k != leaf:
+                        kept.setdefault(k, []).append(v)
+                yield parts[leaf]
+            self._qparts[key] = kept  # the other parts of this module follow
+            return
         if p.op in (COPY, CONCAT, BLOCKS):
             for info in p.sources:
                 yield from info.iter_chunks(self.fh(info.file))
@@ -162,11 +230,11 @@ def _shards(planned: list[Planned], shard_bytes: int) -> list[list[Planned]]:
     return shards
 
 
-def _write_metadata(release: Release, dst: Path, src_label: str, weight_map: dict[str, str], total: int) -> list[str]:
+def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_label: str, weight_map: dict[str, str], total: int) -> list[str]:
     from mlx_gptoss import __version__
 
     notes = []
-    config = release.config.to_dict()
+    config = out_config.to_dict()
     config["mlx_gptoss"] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -200,6 +268,7 @@ def convert(
     force: bool = False,
     layout: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    quantization: dict[str, QuantSpec | None] | None = None,
     progress: bool | Callable | None = None,
 ) -> Path:
     """Convert a released gpt-oss checkpoint folder (HF layout, original/, or dense experts) to ours.
@@ -209,6 +278,9 @@ def convert(
         dst: the folder to create. An existing one is refused unless ``force``.
         layout: force a source layout ("hf", "hf-dense", "original"); detected from tensor names if None.
         shard_bytes: largest output shard.
+        quantization: store non-expert components quantized, e.g. ``{"attention": QuantSpec(bits=8),
+            "lm_head": QuantSpec(bits=6)}`` (components: attention, lm_head, embed_tokens). The
+            MXFP4 experts are never touched.
         progress: show a progress bar (default: when stderr is a terminal).
 
     Returns the destination path. On any error nothing is left at ``dst`` (nor beside it).
@@ -219,7 +291,11 @@ def convert(
     release = open_release(src, layout)
     if dst.resolve() == release.root.resolve() or release.root.resolve() in dst.resolve().parents:
         raise ConversionError(f"{dst}: the destination must not be inside the source checkpoint")
-    planned = plan(release)
+    out_config = release.config
+    if quantization:
+        chosen = tuple(sorted((c, q) for c, q in quantization.items() if q is not None))
+        out_config = dataclasses.replace(release.config, quantization=chosen)
+    planned = plan(release, out_config)
     shards = _shards(planned, shard_bytes)
     total = sum(p.nbytes for p in planned)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +319,7 @@ def convert(
                         w.write(p.name, chunk)
                         bar.update(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes)
                     weight_map[p.name] = fname
-        notes = _write_metadata(release, tmp, str(src), weight_map, total)
+        notes = _write_metadata(release, out_config, tmp, str(src), weight_map, total)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -43,6 +43,10 @@ CONCAT = "concat"  # sources stacked along axis 0 (bytes appended)
 BLOCKS = "blocks"  # MXFP4 blocks [E, out, in/32, 16] U8 -> [E, out, in/8] U32, bytes unchanged
 QUANT_W = "quantize-weight"  # dense [E, in, out] float -> MXFP4 codes of its transpose
 QUANT_S = "quantize-scales"  # ... and the matching E8M0 scales
+# Non-expert components stored quantized (chosen at conversion, `mx.quantize` layout): the
+# module's float weight, read as the table says, becomes .weight (packed), .scales (, .biases).
+QLIN_W, QLIN_S, QLIN_B = "quantize-linear-weight", "quantize-linear-scales", "quantize-linear-biases"
+QLIN_OPS = {"weight": QLIN_W, "scales": QLIN_S, "biases": QLIN_B}
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,16 @@ def detect_layout(names: set[str]) -> str | None:
 
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
+_COMPONENTS = (
+    (re.compile(r"^layers\.\d+\.self_attn\.(qkv|o_proj)\.(weight|scales|biases)$"), "attention"),
+    (re.compile(r"^lm_head\.(weight|scales|biases)$"), "lm_head"),
+    (re.compile(r"^embed_tokens\.(weight|scales|biases)$"), "embed_tokens"),
+)
+
+
+def quantizable(our_key: str) -> str | None:
+    """The component ("attention", "lm_head", "embed_tokens") whose storage ``our_key`` is part of."""
+    return next((comp for pattern, comp in _COMPONENTS if pattern.match(our_key)), None)
 
 
 def rule_for(our_key: str) -> tuple[Rule, int | None]:

@@ -27,8 +27,14 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(["hf", "hf-dense", "original"]), default=None,
               help="Source layout (default: detected from the tensor names).")  # fmt: skip
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output file.")
+@click.option("--preset", type=click.Choice(["none", "16gb"]), default="none", show_default=True,
+              help="Storage of the non-expert weights: 16gb = attention and unembedding 8-bit, embedding 8-bit.")
+@click.option("--attention", default=None, help="Attention weights: 8, 6, 4 (affine, groups of 64), 4g32, mxfp8 or none.")
+@click.option("--lm-head", default=None, help="Unembedding: as --attention.")
+@click.option("--embedding", default=None, help="Embedding: as --attention.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
-def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str, progress: bool | None) -> None:
+def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str, preset: str, attention: str | None,
+            lm_head: str | None, embedding: str | None, progress: bool | None) -> None:  # fmt: skip
     """Convert a released checkpoint SRC (folder or Hugging Face repo id) into DST.
 
     SRC may be in the released Hugging Face layout (MXFP4 experts), openai's original/ layout,
@@ -37,18 +43,24 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
     """
     from pathlib import Path
 
+    from mlx_gptoss.config import QuantSpec
     from mlx_gptoss.loader import _REPO_ID
-    from mlx_gptoss_convert import ConversionError
+    from mlx_gptoss_convert import PRESETS, ConversionError
     from mlx_gptoss_convert import convert as run
 
     try:
         shard_bytes = _parse_size(shard_size)
+        quantization = dict(PRESETS[preset])
+        for comp, text in (("attention", attention), ("lm_head", lm_head), ("embed_tokens", embedding)):
+            if text is not None:
+                quantization[comp] = QuantSpec.parse(text)
         source = src
         if not Path(src).expanduser().exists() and _REPO_ID.match(src):
             from mlx_gptoss_convert.hub import download
 
             source = download(src)
-        out = run(source, dst, force=force, layout=layout, shard_bytes=shard_bytes, progress=progress)
+        out = run(source, dst, force=force, layout=layout, shard_bytes=shard_bytes, quantization=quantization,
+                  progress=progress)  # fmt: skip
     except (ConversionError, ValueError) as e:
         raise _Fail(str(e)) from None
     click.echo(f"converted {src} -> {out}", err=True)

@@ -33,6 +33,47 @@ class YarnScaling:
         return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
 
 
+QUANT_COMPONENTS = ("attention", "lm_head", "embed_tokens")
+QUANT_MODES = {"affine": (4, 6, 8), "mxfp8": (8,)}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a non-expert component is stored: MLX quantization mode, bits and group size."""
+
+    mode: str = "affine"
+    bits: int = 8
+    group_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANT_MODES.get(self.mode, ()):
+            raise ConfigError(f"unsupported quantization {self.mode} {self.bits}-bit (supported: {QUANT_MODES})")
+        if self.mode == "mxfp8" and self.group_size != 32:
+            raise ConfigError("mxfp8 uses groups of 32")
+
+    @classmethod
+    def parse(cls, text: str) -> "QuantSpec | None":
+        """'8', '6', '4' (affine, groups of 64), '4g32' (group size), 'mxfp8', or 'none'."""
+        t = text.strip().lower()
+        if t in ("none", "bf16", "16"):
+            return None
+        if t == "mxfp8":
+            return cls("mxfp8", 8, 32)
+        bits, _, group = t.partition("g")
+        try:
+            return cls("affine", int(bits), int(group) if group else 64)
+        except ValueError:
+            raise ConfigError(f"cannot read quantization {text!r} (8, 6, 4, 4g32, mxfp8 or none)") from None
+
+    def bytes_per_weight(self, dtype_bytes: int = 2) -> float:
+        """Storage per weight, scales (and affine biases) included."""
+        extra = (2 * dtype_bytes if self.mode == "affine" else 1) / self.group_size
+        return self.bits / 8 + extra
+
+    def __str__(self) -> str:
+        return "mxfp8" if self.mode == "mxfp8" else f"{self.bits}-bit (groups of {self.group_size})"
+
+
 @dataclass(frozen=True)
 class GptOssConfig:
     """Hyper-parameters of a gpt-oss model, read from a (Hugging Face style) config.json.
@@ -61,6 +102,8 @@ class GptOssConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     model_type: str = "gpt_oss"
+    # Non-expert components stored quantized (chosen at conversion): ((component, spec), ...).
+    quantization: tuple[tuple[str, QuantSpec], ...] = ()
 
     REQUIRED = (
         "num_hidden_layers",
@@ -88,6 +131,8 @@ class GptOssConfig:
             problems.append("num_attention_heads must be a multiple of num_key_value_heads")
         if not 0 < self.num_experts_per_tok <= self.num_local_experts:
             problems.append("num_experts_per_tok must be in 1..num_local_experts")
+        if bad := sorted({c for c, _ in self.quantization} - set(QUANT_COMPONENTS)):
+            problems.append(f"quantization names unknown components {bad} (known: {', '.join(QUANT_COMPONENTS)})")
         if self.hidden_size % 32 or self.intermediate_size % 32:
             problems.append("hidden_size and intermediate_size must be multiples of 32 (MXFP4 groups)")
         if problems:
@@ -120,6 +165,10 @@ class GptOssConfig:
         if rope and "rope_theta" in rope and "rope_theta" not in d:
             kw["rope_theta"] = rope["rope_theta"]
         kw["rope_scaling"] = cls._yarn_from_dict(rope, source)
+        quant = d.get("quantization") or {}
+        if not isinstance(quant, Mapping):
+            raise ConfigError(f"{source}: 'quantization' must be a mapping of component -> spec")
+        kw["quantization"] = tuple(sorted((c, QuantSpec(**spec)) for c, spec in quant.items()))
         for k in ("rope_theta", "rms_norm_eps", "swiglu_limit", "swiglu_alpha"):
             if k in kw:
                 kw[k] = float(kw[k])
@@ -166,7 +215,12 @@ class GptOssConfig:
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         d["num_experts_per_tok"] = self.num_experts_per_tok
+        d["quantization"] = {c: dataclasses.asdict(q) for c, q in self.quantization}
         return d
+
+    def quant(self, component: str) -> QuantSpec | None:
+        """How ``component`` ("attention", "lm_head", "embed_tokens") is stored; None = float."""
+        return dict(self.quantization).get(component)
 
     @classmethod
     def tiny(cls, **overrides: Any) -> "GptOssConfig":

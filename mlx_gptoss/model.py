@@ -16,6 +16,7 @@ import mlx.nn as nn
 from . import kernels
 from .cache import KVCache, SlidingKVCache, causal_mask, window_mask
 from .config import FULL, SLIDING, GptOssConfig
+from .layers import embedding, linear
 from .rope import YarnRope
 
 
@@ -26,8 +27,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_q, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         # q, k and v stacked on rows (as in openai's original layout): one matmul instead of three.
-        self.qkv = nn.Linear(cfg.hidden_size, cfg.qkv_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_q * self.head_dim, cfg.hidden_size, bias=True)
+        q = cfg.quant("attention")
+        self.qkv = linear(cfg.hidden_size, cfg.qkv_dim, True, q)
+        self.o_proj = linear(self.n_q * self.head_dim, cfg.hidden_size, True, q)
         self.sinks = mx.zeros((self.n_q,))
         self._rope = rope
         self._scale = rope.logit_scale / math.sqrt(self.head_dim)
@@ -105,10 +107,10 @@ class GptOss(nn.Module):
         super().__init__()
         self.config = config
         rope = YarnRope(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size, config.quant("embed_tokens"))
         self.layers = [Block(config, rope) for _ in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = linear(config.hidden_size, config.vocab_size, False, config.quant("lm_head"))
         self.tokenizer: Any = None  # set by the loader
 
     def chat(self, **options: Any) -> "ChatSession":  # noqa: F821
