@@ -89,11 +89,15 @@ def _parse_size(text: str) -> int:
 @click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=None, type=int)
-@click.option("--prefill-step", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--prefill-step", default=None, type=click.IntRange(min=1), help="Prefill chunk (default 512, or the memory plan's).")
+@click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
+@click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="With --memory-budget: the longest prompt + reply to reserve the KV cache for.")
+@click.option("--show-plan", is_flag=True, help="Print the memory plan (with --memory-budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 def generate(prompt: str | None, model: str, system: str | None, reasoning_effort: str, show_reasoning: bool,
-             raw: bool, max_tokens: int, temp: float, top_p: float, seed: int | None, prefill_step: int,
-             as_json: bool) -> None:  # fmt: skip
+             raw: bool, max_tokens: int, temp: float, top_p: float, seed: int | None, prefill_step: int | None,
+             memory_budget: str | None, context: int, show_plan: bool, as_json: bool) -> None:  # fmt: skip
     """Generate a reply to PROMPT (or to standard input when PROMPT is omitted or "-")."""
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -104,7 +108,7 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
     from mlx_gptoss.tokenizer import TokenizerError
 
     try:
-        lm = load(model)
+        lm = load(model, memory_budget=memory_budget, context=context, verbose=show_plan)
     except (ValueError, OSError, TokenizerError) as e:
         raise _Fail(str(e)) from None
 
@@ -122,7 +126,10 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
     except (ValueError, TokenizerError) as e:
         raise _Fail(str(e)) from None
     if as_json:
-        click.echo(json.dumps(result.to_dict()))
+        out = result.to_dict()
+        if lm.stream_stats is not None:
+            out["expert_cache"] = lm.stream_stats.as_dict()
+        click.echo(json.dumps(out))
         return
     sys.stdout.write("\n")
     click.echo(
@@ -132,6 +139,10 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
         f"peak RSS {result.peak_rss_gb:.2f} GB",
         err=True,
     )
+    if lm.stream_stats is not None:
+        st = lm.stream_stats.as_dict()
+        click.echo(f"expert cache: hit rate {st['hit_rate']:.1%}, {st['bytes_read_per_token'] / 1e6:.1f} MB read per token, "
+                   f"{st['stall_s']:.2f} s waiting for reads", err=True)  # fmt: skip
 
 
 @main.command()
@@ -145,8 +156,11 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--load", "load_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Continue a conversation saved with /save.")
+@click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
+@click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="With --memory-budget: the longest conversation to reserve the KV cache for.")
 def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reasoning: bool, max_tokens: int,
-         temp: float, top_p: float, load_file: str | None) -> None:  # fmt: skip
+         temp: float, top_p: float, load_file: str | None, memory_budget: str | None, context: int) -> None:  # fmt: skip
     """Chat in the terminal: streaming answers, reasoning dimmed, /help for commands."""
     from pathlib import Path
 
@@ -157,7 +171,7 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
 
     defaults = {"max_tokens": max_tokens, "temperature": temp, "top_p": top_p}
     try:
-        lm = load(model)
+        lm = load(model, memory_budget=memory_budget, context=context, verbose=memory_budget is not None)
         if load_file:
             session = ChatSession.from_json(lm, Path(load_file).read_text(), **defaults)
         else:
@@ -165,6 +179,26 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
     except (ValueError, OSError, TokenizerError) as e:
         raise _Fail(str(e)) from None
     Repl(session, show_reasoning=not hide_reasoning).run()
+
+
+@main.command()
+@click.option("-m", "--model", default=None, help="A converted model folder to size up.")
+@click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1))
+def doctor(model: str | None, context: int) -> None:
+    """This machine's memory and GPU limit, the model's components, and a budget that fits."""
+    from pathlib import Path
+
+    from mlx_gptoss.doctor import report
+
+    path = None
+    if model is not None:
+        path = Path(model).expanduser()
+        if not (path / "config.json").is_file():
+            raise _Fail(f"{path}: not a converted model folder (no config.json)")
+    try:
+        click.echo(report(path, context))
+    except (ValueError, OSError) as e:
+        raise _Fail(str(e)) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,7 +81,7 @@ def stream_tokens(
     top_p: float = 1.0,
     seed: int | None = None,
     stop_tokens: Sequence[int] = (),
-    prefill_step: int = DEFAULT_PREFILL_STEP,
+    prefill_step: int | None = None,
     cache: list | None = None,
     cached: int = 0,
     sampler: Callable[[mx.array], mx.array] | None = None,
@@ -104,11 +104,14 @@ def stream_tokens(
     n_ctx = model.config.max_position_embeddings
     if not prompt:
         raise ValueError("the prompt is empty")
+    plan = getattr(model, "memory_plan", None)
+    if plan is not None:
+        n_ctx = min(n_ctx, plan.context)
     if len(prompt) + max_tokens > n_ctx:
-        raise PromptTooLongError(
-            f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
-            f"model's context of {n_ctx} tokens"
-        )
+        limit = f"the context of {n_ctx} tokens the memory budget was planned for (load with a larger context=)" if plan is not None and n_ctx == plan.context else f"the model's context of {n_ctx} tokens"
+        raise PromptTooLongError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds {limit}")
+    if prefill_step is None:
+        prefill_step = plan.prefill_step if plan is not None else DEFAULT_PREFILL_STEP
     if seed is not None:
         mx.random.seed(seed)
     sampler = sampler or make_sampler(temp, top_p)
@@ -169,7 +172,7 @@ def generate(
     temp: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
-    prefill_step: int = DEFAULT_PREFILL_STEP,
+    prefill_step: int | None = None,
     on_text: Callable[[str | None, str], None] | None = None,
 ) -> GenerationResult:
     """Generate a reply to ``prompt`` and return it with its statistics.

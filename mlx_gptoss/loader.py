@@ -111,7 +111,16 @@ def load_weights(path: Path, expected: dict[str, mx.array]) -> dict[str, mx.arra
     return weights
 
 
-def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None, lazy: bool = True) -> "GptOss":  # noqa: F821
+def load(
+    path_or_repo: str | Path = DEFAULT_MODEL,
+    *,
+    dtype: Any = None,
+    lazy: bool = True,
+    memory_budget: str | int | None = None,
+    context: int = 8192,
+    prefetch: bool = True,
+    verbose: bool = False,
+) -> "GptOss":  # noqa: F821
     """Load a converted gpt-oss model (a folder, or a Hugging Face repo id converted once into a cache).
 
     Args:
@@ -122,6 +131,15 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None, lazy: b
         lazy: read weights on first use (default). ``False`` reads them all now. MLX evaluates a
             lazy array only in the thread that built it: to use the model from another thread,
             load it there, or load with ``lazy=False`` (a chat session reads them when created).
+        memory_budget: keep MLX's memory under this ("9.5GB" or bytes): the embedding is served
+            from the file on the host, and when the MXFP4 experts do not fit, only some expert
+            slots per layer stay resident and the rest are read from disk on demand (exact:
+            the same computation). ``model.memory_plan`` says what lives where,
+            ``model.stream_stats`` how the expert cache does. Raises
+            :class:`~mlx_gptoss.memory.BudgetError` when the budget cannot be met.
+        context: the longest conversation (prompt + generated tokens) the budget must allow for.
+        prefetch: read the experts the next layer will probably need while this one computes.
+        verbose: print the memory plan to stderr.
 
     Returns a :class:`~mlx_gptoss.model.GptOss` with ``.config`` and ``.tokenizer``. Nothing is
     read from disk until it is used (unless ``lazy=False``).
@@ -146,8 +164,33 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, *, dtype: Any = None, lazy: b
     weights = load_weights(path, expected)
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
+    model.memory_plan = None
+    model.stream_stats = None
+    if memory_budget is not None:
+        _apply_budget(model, path, memory_budget, context, dtype, prefetch, verbose)
     if not lazy:
         mx.eval(model.parameters())
     model.tokenizer = Tokenizer(path)
     model.path = path
     return model
+
+
+def _apply_budget(model, path: Path, budget, context: int, dtype, prefetch: bool, verbose: bool) -> None:
+    import sys
+
+    from .layers import HostEmbedding
+    from .memory import MLX_CACHE, plan_memory, read_tensors
+    from .streaming import stream_experts
+
+    tensors = read_tensors(path)
+    plan = plan_memory(model.config, tensors, budget, context=context, float_bytes=mx.zeros((), dtype).itemsize)
+    if verbose:
+        print(plan.table(), file=sys.stderr)
+    if plan.embed_on_host:
+        emb = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("embed_tokens.")}
+        model.pop("embed_tokens")  # its (lazy, never read) arrays are dropped with it
+        model.embed_tokens = HostEmbedding(emb, dtype, model.config.quant("embed_tokens"))
+    if plan.streaming:
+        model.stream_stats = stream_experts(model, tensors, plan.expert_slots, prefetch=prefetch)
+    mx.set_cache_limit(MLX_CACHE)  # freed buffers MLX keeps for reuse count against the budget too
+    model.memory_plan = plan

@@ -13,6 +13,7 @@ import mlx.core as mx
 from . import ops
 
 route_topk_softmax = ops.route_topk_softmax
+combine_experts = ops.combine_experts
 
 
 def _on_cpu() -> bool:
@@ -34,3 +35,10 @@ def moe_mxfp4_swiglu(x: mx.array, indices: mx.array, weights: mx.array, *args: m
         y = ops.moe_mxfp4_swiglu(x.astype(mx.float32), indices, weights, *args, limit=limit, alpha=alpha)
         return y.astype(x.dtype)
     return ops.moe_mxfp4_swiglu(x, indices, weights, *args, limit=limit, alpha=alpha)
+
+
+def moe_mxfp4_pairs(x: mx.array, indices: mx.array, *args: mx.array, limit: float, alpha: float) -> mx.array:
+    """Each selected expert's unweighted output [N, K, H]; see :func:`.ops.moe_mxfp4_pairs`."""
+    if _on_cpu() and x.dtype != mx.float32:
+        return ops.moe_mxfp4_pairs(x.astype(mx.float32), indices, *args, limit=limit, alpha=alpha)
+    return ops.moe_mxfp4_pairs(x, indices, *args, limit=limit, alpha=alpha)

@@ -35,6 +35,40 @@ def _mxfp4(x: mx.array, w: mx.array, s: mx.array, ids: mx.array, sorted_ids: boo
     )
 
 
+def moe_mxfp4_pairs(
+    x: mx.array,
+    indices: mx.array,
+    gate_up_w: mx.array,
+    gate_up_s: mx.array,
+    gate_up_b: mx.array,
+    down_w: mx.array,
+    down_s: mx.array,
+    down_b: mx.array,
+    *,
+    limit: float,
+    alpha: float,
+) -> mx.array:
+    """Each selected expert's output, unweighted: x [N, H], indices [N, K] -> [N, K, H]."""
+    N, K = indices.shape
+    if N * K >= SORT_THRESHOLD:
+        flat = indices.flatten()
+        order = mx.argsort(flat)
+        ids = flat[order]
+        xs = x[order // K][:, None, :]  # [NK, 1, H], grouped by expert
+        h = _mxfp4(xs, gate_up_w, gate_up_s, ids, True) + gate_up_b[ids][:, None, :]
+        y = _mxfp4(swiglu_clamped(h, limit, alpha), down_w, down_s, ids, True) + down_b[ids][:, None, :]
+        return y[mx.argsort(order)].reshape(N, K, -1)
+    h = _mxfp4(x[:, None, None, :], gate_up_w, gate_up_s, indices, False)  # [N, K, 1, 2I]
+    h = h.squeeze(2) + gate_up_b[indices]
+    y = _mxfp4(swiglu_clamped(h, limit, alpha)[:, :, None, :], down_w, down_s, indices, False)
+    return y.squeeze(2) + down_b[indices]
+
+
+def combine_experts(y: mx.array, weights: mx.array) -> mx.array:
+    """Σ_k weight_k · y_k: [N, K, H], [N, K] -> [N, H]."""
+    return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+
+
 def moe_mxfp4_swiglu(
     x: mx.array,
     indices: mx.array,
@@ -50,18 +84,5 @@ def moe_mxfp4_swiglu(
     alpha: float,
 ) -> mx.array:
     """The routed experts: x [N, H], indices/weights [N, K] -> Σ_k weight_k · expert_k(x) [N, H]."""
-    N, K = indices.shape
-    if N * K >= SORT_THRESHOLD:
-        flat = indices.flatten()
-        order = mx.argsort(flat)
-        ids = flat[order]
-        xs = x[order // K][:, None, :]  # [NK, 1, H], grouped by expert
-        h = _mxfp4(xs, gate_up_w, gate_up_s, ids, True) + gate_up_b[ids][:, None, :]
-        y = _mxfp4(swiglu_clamped(h, limit, alpha), down_w, down_s, ids, True) + down_b[ids][:, None, :]
-        y = y[mx.argsort(order)].reshape(N, K, -1)
-    else:
-        h = _mxfp4(x[:, None, None, :], gate_up_w, gate_up_s, indices, False)  # [N, K, 1, 2I]
-        h = h.squeeze(2) + gate_up_b[indices]
-        y = _mxfp4(swiglu_clamped(h, limit, alpha)[:, :, None, :], down_w, down_s, indices, False)
-        y = y.squeeze(2) + down_b[indices]
-    return (y * weights[..., None].astype(y.dtype)).sum(axis=1)
+    y = moe_mxfp4_pairs(x, indices, gate_up_w, gate_up_s, gate_up_b, down_w, down_s, down_b, limit=limit, alpha=alpha)
+    return combine_experts(y, weights)

@@ -1,0 +1,75 @@
+"""`mlx-gptoss doctor`: this machine's memory, the model's components, and a budget that fits."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from .memory import GB, BudgetError, plan_memory, read_tensors
+
+# A Mac keeps this much of the GPU working set (or of RAM, elsewhere) free for the system and apps.
+HEADROOM = 0.1
+
+
+@dataclass
+class Machine:
+    system: str
+    ram: int
+    backend: str
+    gpu_limit: int | None  # Metal's recommended working set: what the GPU may hold by default
+
+    @property
+    def recommended_budget(self) -> int:
+        limit = self.gpu_limit if self.gpu_limit else int(self.ram * 0.75)
+        return int(limit * (1 - HEADROOM))
+
+
+def machine() -> Machine:
+    import mlx.core as mx
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    gpu_limit = None
+    if mx.metal.is_available():
+        backend = "Metal"
+        gpu_limit = int(mx.device_info().get("max_recommended_working_set_size", 0)) or None
+    elif mx.cuda.is_available():
+        backend = "CUDA"
+        gpu_limit = int(mx.device_info().get("total_memory", 0)) or None
+    else:
+        backend = "CPU (no GPU: MLX uses RAM)"
+    return Machine(f"{platform.system()} {platform.machine()}", ram, backend, gpu_limit)
+
+
+def report(model_dir: Path | None, context: int = 8192) -> str:
+    m = machine()
+    lines = [f"machine: {m.system}, {m.ram / GB:.1f} GB RAM, MLX backend {m.backend}"]
+    if m.gpu_limit:
+        lines.append(f"GPU working-set limit (default): {m.gpu_limit / GB:.1f} GB"
+                     + ("  (raise it with: sudo sysctl iogpu.wired_limit_mb=N)" if m.backend == "Metal" else ""))  # fmt: skip
+    budget = m.recommended_budget
+    lines.append(f"recommended memory budget: {budget / GB:.1f} GB (--memory-budget {budget / GB:.1f}GB)")
+    if model_dir is None:
+        return "\n".join(lines)
+    from .config import GptOssConfig
+
+    config = GptOssConfig.from_file(model_dir / "config.json")
+    tensors = read_tensors(model_dir)
+    full = plan_memory(config, tensors, None, context=context)
+    lines += ["", f"model {model_dir} ({context}-token context), everything resident:", full.table(), ""]
+    quantized = dict(config.quantization)
+    if full.mlx_bytes <= budget:
+        lines.append("verdict: everything fits; no budget needed.")
+        return "\n".join(lines)
+    try:
+        plan = plan_memory(config, tensors, budget, context=context)
+        lines += [f"at the recommended budget of {budget / GB:.1f} GB:", plan.table()]
+        if plan.streaming:
+            lines.append(f"verdict: runs with expert streaming ({plan.expert_slots}/{plan.n_experts} experts per layer resident).")
+    except BudgetError as e:
+        lines.append(f"verdict: does not fit the recommended budget: {e}")
+    if not quantized:
+        lines.append("hint: re-convert with `mlx-gptoss convert SRC DST --preset 16gb` (8-bit attention, unembedding, "
+                     "embedding) to keep more experts resident.")  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,189 @@
+"""Memory budgets: what of a converted checkpoint stays resident, and what is streamed.
+
+The planner reads tensor sizes from the safetensors headers (no data), adds the KV cache for the
+context asked for and an estimate of the activations, and decides per component where it lives:
+in MLX memory (on a Mac: the GPU's working set), on the host through a memory map (the
+embedding: a lookup touches one row per token), or streamed from disk into a fixed number of
+expert slots per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import FULL, SLIDING, GptOssConfig
+from .safetensors_io import DTYPE_SIZE, TensorInfo
+
+GB = 1e9
+# MLX's buffer cache and small temporaries (0.25 GB), and the process itself: Python, numpy,
+# harmony, MLX's libraries (0.5 GB), so that the process's RSS stays within the budget too.
+MLX_CACHE = int(0.25 * GB)
+OVERHEAD = MLX_CACHE + int(0.5 * GB)
+PREFILL_STEPS = (512, 256, 128, 64, 32, 16)
+ACTIVATION_CAP = int(0.5 * GB)  # budgeted runs prefill in chunks whose activations stay under this
+
+
+class BudgetError(ValueError):
+    """The budget cannot be met; the message says by how much and what would fit."""
+
+
+def parse_size(size: str | int | float) -> int:
+    """'9.5GB', '800MB', '10GiB' or a number of bytes."""
+    if isinstance(size, (int, float)):
+        return int(size)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]i?b?|b)?\s*", size.lower())
+    if not m:
+        raise BudgetError(f"cannot read the size {size!r} (e.g. 9.5GB, 800MB)")
+    unit = (m.group(2) or "b").rstrip("b") or ""
+    mult = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+@dataclass
+class Component:
+    name: str
+    nbytes: int
+    where: str  # "MLX", "host (memory-mapped file)", "disk (streamed)"
+
+
+@dataclass
+class MemoryPlan:
+    """Where each part of the model lives under a budget, and the resulting MLX footprint."""
+
+    budget: int | None
+    context: int
+    components: list[Component] = field(default_factory=list)
+    expert_slots: int = 0  # resident experts per layer
+    n_experts: int = 0
+    expert_bytes: int = 0  # one expert (gate_up + down: codes, scales, bias)
+    prefill_step: int = 512
+    embed_on_host: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        return self.expert_slots < self.n_experts
+
+    @property
+    def mlx_bytes(self) -> int:
+        return sum(c.nbytes for c in self.components if c.where == "MLX")
+
+    def table(self) -> str:
+        rows = [f"{'component':<34} {'GB':>7}  where"]
+        for c in self.components:
+            rows.append(f"{c.name:<34} {c.nbytes / GB:>7.2f}  {c.where}")
+        rows.append(f"{'total in MLX memory':<34} {self.mlx_bytes / GB:>7.2f}" + (f"  (budget {self.budget / GB:.2f})" if self.budget else ""))
+        if self.streaming:
+            rows.append(f"experts: {self.expert_slots} of {self.n_experts} per layer resident, the rest read from disk on demand")
+        rows.append(f"context {self.context} tokens, prefill in chunks of {self.prefill_step}")
+        return "\n".join(rows)
+
+
+def _category(name: str) -> str:
+    if name.startswith("embed_tokens."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "unembedding (lm_head)"
+    if ".mlp.gate_up." in name or ".mlp.down." in name:
+        return "experts"
+    if ".mlp.router." in name:
+        return "router"
+    return "attention and norms"
+
+
+def _loaded_bytes(info: TensorInfo, float_bytes: int) -> int:
+    if info.dtype in ("BF16", "F16", "F32") and not info.name.endswith((".scales", ".biases")):
+        return info.nbytes // DTYPE_SIZE[info.dtype] * float_bytes
+    return info.nbytes
+
+
+def kv_cache_bytes(config: GptOssConfig, context: int, dtype_bytes: int = 2) -> int:
+    per_pos = 2 * config.num_key_value_heads * config.head_dim * dtype_bytes
+    full = sum(1 for t in config.layer_types if t == FULL)
+    sliding = sum(1 for t in config.layer_types if t == SLIDING)
+    steps = -(-context // 256) * 256  # the full-attention cache grows in steps of 256
+    return full * steps * per_pos + sliding * config.sliding_window * per_pos
+
+
+def activation_bytes(config: GptOssConfig, step: int, context: int) -> int:
+    """A generous estimate for one prefill chunk (attention scores materialised in float32)."""
+    scores = config.num_attention_heads * step * (context + step) * 4
+    hidden = 16 * step * config.hidden_size * 4
+    moe = 4 * step * config.num_experts_per_tok * 2 * config.intermediate_size * 4
+    logits = config.vocab_size * 4 * 2
+    return scores + hidden + moe + logits
+
+
+def plan_memory(
+    config: GptOssConfig,
+    tensors: dict[str, TensorInfo],
+    budget: int | str | None,
+    *,
+    context: int = 8192,
+    float_bytes: int = 2,
+) -> MemoryPlan:
+    """Decide what stays resident under ``budget`` (bytes or "9.5GB"); None = everything resident."""
+    budget = None if budget is None else parse_size(budget)
+    sizes: dict[str, int] = {}
+    for info in tensors.values():
+        cat = _category(info.name)
+        sizes[cat] = sizes.get(cat, 0) + _loaded_bytes(info, float_bytes)
+    L, E = config.num_hidden_layers, config.num_local_experts
+    expert_bytes = sizes.get("experts", 0) // (L * E)
+    kv = kv_cache_bytes(config, context, float_bytes)
+    plan = MemoryPlan(budget, context, n_experts=E, expert_bytes=expert_bytes, expert_slots=E)
+    on_host = budget is not None
+    plan.embed_on_host = on_host
+    fixed = sizes.get("attention and norms", 0) + sizes.get("router", 0) + sizes.get("unembedding (lm_head)", 0) + kv + OVERHEAD
+    fixed += 0 if on_host else sizes.get("embedding", 0)
+    if budget is not None:
+        plan.prefill_step = next((s for s in PREFILL_STEPS if activation_bytes(config, s, context) <= ACTIVATION_CAP), PREFILL_STEPS[-1])
+    act = activation_bytes(config, plan.prefill_step, context)
+    fixed += act
+    all_experts = expert_bytes * L * E
+    if budget is not None and fixed + all_experts > budget:
+        slots = int((budget - fixed) // (expert_bytes * L)) if expert_bytes else E
+        k = config.num_experts_per_tok
+        if slots < k:
+            need = fixed + k * L * expert_bytes
+            raise BudgetError(
+                f"a budget of {budget / GB:.2f} GB cannot hold this model: it needs at least {need / GB:.2f} GB "
+                f"({(need - budget) / GB:.2f} GB more) with {k} expert slots per layer and a {context}-token context "
+                f"(KV cache {kv / GB:.2f} GB). Everything resident needs {(fixed + all_experts) / GB:.2f} GB. "
+                "Use a larger budget, a shorter context, or a checkpoint converted with --preset 16gb."
+            )
+        plan.expert_slots = min(slots, E)
+    comps = [
+        Component("embedding", sizes.get("embedding", 0), "host (memory-mapped file)" if on_host else "MLX"),
+        Component("attention and norms", sizes.get("attention and norms", 0), "MLX"),
+        Component("router", sizes.get("router", 0), "MLX"),
+        Component("unembedding (lm_head)", sizes.get("unembedding (lm_head)", 0), "MLX"),
+        Component(f"experts ({plan.expert_slots}/{E} per layer)", plan.expert_slots * L * expert_bytes, "MLX"),
+    ]
+    if plan.streaming:
+        comps.append(Component(f"experts ({E - plan.expert_slots}/{E} per layer)", (E - plan.expert_slots) * L * expert_bytes, "disk (streamed)"))
+    comps += [
+        Component(f"KV cache ({context} tokens)", kv, "MLX"),
+        Component(f"activations (chunks of {plan.prefill_step})", act, "MLX"),
+        Component("runtime (MLX cache, Python)", OVERHEAD, "MLX"),
+    ]
+    plan.components = comps
+    return plan
+
+
+def budget_for_slots(config: GptOssConfig, tensors: dict[str, TensorInfo], slots: int, *, context: int = 8192, float_bytes: int = 2) -> int:
+    """The smallest budget that keeps ``slots`` experts per layer resident."""
+    unbounded = plan_memory(config, tensors, 10**15, context=context, float_bytes=float_bytes)
+    experts = unbounded.expert_slots * config.num_hidden_layers * unbounded.expert_bytes
+    return unbounded.mlx_bytes - experts + slots * config.num_hidden_layers * unbounded.expert_bytes
+
+
+def read_tensors(path: Path) -> dict[str, TensorInfo]:
+    """Headers of every shard of a converted checkpoint."""
+    from .safetensors_io import read_header
+
+    out: dict[str, TensorInfo] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(read_header(f)[0])
+    return out
