@@ -23,10 +23,17 @@ class KVCache(_Cache):
 
     step = 256
 
-    def __init__(self) -> None:
+    def __init__(self, reserve: int = 0, shape: tuple[int, int, int] | None = None, dtype: mx.Dtype = mx.bfloat16) -> None:
+        """``reserve`` positions are allocated up front ([B, kv_heads, D] = ``shape``), so the
+        memory a long conversation needs is held from the start (and never regrown)."""
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0
+        if reserve and shape is not None:
+            B, H, D = shape
+            self.keys = mx.zeros((B, H, reserve, D), dtype)
+            self.values = mx.zeros((B, H, reserve, D), dtype)
+            mx.eval(self.keys, self.values)
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         # k, v: [B, kv_heads, T, D]

@@ -63,10 +63,11 @@ class HostEmbedding:
         if self.spec is None:
             out = w.view(mx.bfloat16) if self._maps["weight"].dtype == np.uint16 else w
         else:
-            scales = got["scales"].view(mx.bfloat16) if got["scales"].dtype == mx.uint16 else got["scales"]
-            biases = got.get("biases")
-            if biases is not None and biases.dtype == mx.uint16:
-                biases = biases.view(mx.bfloat16)
+            scales, biases = got["scales"], got.get("biases")
+            if scales.dtype == mx.uint16:  # bf16 bits; dequantize at the model's dtype, as the resident layer does
+                scales = scales.view(mx.bfloat16).astype(self.dtype)
+            if biases is not None:
+                biases = (biases.view(mx.bfloat16) if biases.dtype == mx.uint16 else biases).astype(self.dtype)
             out = mx.dequantize(w, scales, biases, group_size=self.spec.group_size, bits=self.spec.bits, mode=self.spec.mode)
         return out.astype(self.dtype).reshape(*ids.shape, -1)
 

@@ -119,10 +119,12 @@ class GptOss(nn.Module):
 
         return ChatSession(self, **options)
 
-    def make_cache(self) -> list[KVCache | SlidingKVCache]:
-        """Fresh per-layer KV caches."""
-        W = self.config.sliding_window
-        return [SlidingKVCache(W) if t == SLIDING else KVCache() for t in self.config.layer_types]
+    def make_cache(self, reserve: int = 0) -> list[KVCache | SlidingKVCache]:
+        """Fresh per-layer KV caches; ``reserve`` allocates that many positions up front."""
+        W, c = self.config.sliding_window, self.config
+        dtype = self.layers[0].input_layernorm.weight.dtype
+        shape = (1, c.num_key_value_heads, c.head_dim)
+        return [SlidingKVCache(W) if t == SLIDING else KVCache(reserve, shape, dtype) for t in c.layer_types]
 
     def _masks(self, T: int, cache: list | None) -> dict[str, Any]:
         types = self.config.layer_types

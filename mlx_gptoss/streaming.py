@@ -48,6 +48,12 @@ class StreamStats:
         m = sum(self.misses) if layer is None else self.misses[layer]
         return h / (h + m) if h + m else 1.0
 
+    def reset(self) -> None:
+        """Start counting afresh (e.g. after the prefill, to see the decode-phase hit rate)."""
+        n = len(self.hits)
+        self.hits, self.misses, self.prefetched = [0] * n, [0] * n, [0] * n
+        self.bytes_read, self.stall_s, self.tokens = 0, 0.0, 0
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "hit_rate": self.hit_rate(),
@@ -101,6 +107,9 @@ class _Shared:
     stats: StreamStats
     pool: ThreadPoolExecutor | None
     layers: list["StreamedMoE"] = field(default_factory=list)
+    # For measurements only: (layer, router logits [N, E]) -> expert ids [N, K], e.g. a routing
+    # trace with realistic skew in place of random weights' nearly uniform choice.
+    route: Any = None
 
 
 class StreamedMoE(nn.Module):
@@ -177,7 +186,11 @@ class StreamedMoE(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
-        indices, weights = kernels.route_topk_softmax(self.router(x), self.k)
+        logits = self.router(x)
+        indices, weights = kernels.route_topk_softmax(logits, self.k)
+        if self._shared.route is not None:
+            indices = self._shared.route(self._layer, logits).astype(mx.uint32)
+            weights = mx.softmax(mx.take_along_axis(logits, indices.astype(mx.int32), axis=-1), axis=-1, precise=True)
         nxt = self._next_layer()
         guess = None
         if nxt is not None:
@@ -246,3 +259,12 @@ def stream_experts(model: nn.Module, tensors: dict[str, TensorInfo], slots: int,
         layer.mlp = StreamedMoE(layer.mlp, i, slots, shared, dtype)
         shared.layers.append(layer.mlp)
     return shared.stats
+
+
+def set_routing_trace(model: nn.Module, route: Any) -> None:
+    """For measurements: route with ``route(layer, logits [N, E]) -> ids [N, K]`` instead of the
+    router's top-k (e.g. a trace with realistic skew, since random weights route uniformly)."""
+    layers = [layer.mlp for layer in model.layers if isinstance(layer.mlp, StreamedMoE)]
+    if not layers:
+        raise TypeError("the model's experts are not streamed (load it with a memory budget)")
+    layers[0]._shared.route = route

@@ -95,10 +95,11 @@ def test_budget_limits_the_context(pair):
 
 
 def test_host_embedding_equals_the_resident_one(releases, tmp_path):
-    for name, q in (("float", None), ("q8", {"embed_tokens": QuantSpec(bits=8)})):
+    for name, q, dtype in (("float", None, None), ("q8", {"embed_tokens": QuantSpec(bits=8)}, None),
+                           ("q8-f32", {"embed_tokens": QuantSpec(bits=8)}, mx.float32)):  # fmt: skip
         out = convert(releases["hf"], tmp_path / name, quantization=q)
-        a = mlx_gptoss.load(out)
-        b = mlx_gptoss.load(out, memory_budget=10 * GB)
+        a = mlx_gptoss.load(out, dtype=dtype)
+        b = mlx_gptoss.load(out, memory_budget=10 * GB, dtype=dtype)
         assert b.memory_plan.embed_on_host and not b.memory_plan.streaming and "embed_tokens" not in b
         ids = mx.array([[0, 5, 511, 5]])
         np.testing.assert_array_equal(np.array(b.embed_tokens(ids).astype(mx.float32)), np.array(a.embed_tokens(ids).astype(mx.float32)))
