@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import machine, peak_rss_gb  # noqa: E402
+from bench_e2e import machine, peak_rss_gb, write_outputs  # noqa: E402
 
 
 def zipf_trace(n_layers: int, n_experts: int, k: int, s: float, seed: int):
@@ -188,12 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
            "args": {k: v for k, v in vars(a).items() if k not in ("worker", "json", "markdown", "budget", "routing", "dtype")},
            "runs": runs, "checks": checks, "mlx_lm": peer}  # fmt: skip
-    md = markdown(res)
-    print(md)
-    for path, text in ((a.json, json.dumps(res, indent=2)), (a.markdown, md)):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
+    write_outputs(res, markdown(res), a.json, a.markdown)
 
 
 if __name__ == "__main__":

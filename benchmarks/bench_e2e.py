@@ -139,6 +139,15 @@ def markdown(res: dict) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
+def write_outputs(res: dict, md: str, json_path: Path | None, md_path: Path | None) -> None:
+    """Print the markdown table; write the JSON and the table where asked."""
+    print(md)
+    for path, text in ((json_path, json.dumps(res, indent=2)), (md_path, md)):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--release", required=True, help="checkpoint in the released layout (for mlx-lm)")
@@ -176,12 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
            "args": {k: v for k, v in vars(args).items() if k not in ("worker", "json", "markdown")}, "results": results}  # fmt: skip
-    md = markdown(res)
-    print(md)
-    for path, text in ((args.json, json.dumps(res, indent=2)), (args.markdown, md)):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
+    write_outputs(res, markdown(res), args.json, args.markdown)
 
 
 if __name__ == "__main__":
