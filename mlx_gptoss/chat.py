@@ -167,7 +167,7 @@ class ChatSession:
         """Add a user message and generate the assistant's reply.
 
         Options (per call): max_tokens, temperature, top_p, seed, stop (strings that end the
-        answer), sampler (logits [1, V] -> token [1]).
+        answer), sampler (logits [1, V] -> token [1]), prefill_step (prompt chunk size).
         """
         return _last(self.stream(text, **options))
 
@@ -278,7 +278,7 @@ class ChatSession:
     def _turn(self, message, options: Mapping[str, Any]) -> Iterator[Event | Done]:
         from openai_harmony import Conversation, Role
 
-        unknown = set(options) - {"max_tokens", "temperature", "top_p", "seed", "stop", "sampler"}
+        unknown = set(options) - {"max_tokens", "temperature", "top_p", "seed", "stop", "sampler", "prefill_step"}
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         opts = {**self.defaults, **options}
@@ -293,7 +293,7 @@ class ChatSession:
             self.last_prompt_ids = list(ids)  # what this turn was generated from
             cached = self._reuse(ids)
             parser = HarmonyStream(self.encoding, call_ids=self._ids)
-            boundaries = {parser._special["<|start|>"], parser._special["<|end|>"]}
+            boundaries = {parser.special["<|start|>"], parser.special["<|end|>"]}
             stop_text = _StopText(opts.get("stop") or [])
             reply = Reply()
 
@@ -306,6 +306,7 @@ class ChatSession:
                 sampler=opts.get("sampler") or make_sampler(opts["temperature"], opts["top_p"]),
                 stop_tokens=self.model.tokenizer.stop_tokens, cache=self._cache, cached=cached,
                 cancel=self._cancel, on_fed=on_fed, on_prefilled=self._snapshot, stats=reply.stats,
+                prefill_step=opts.get("prefill_step"),
             )  # fmt: skip
             for tok in tokens:
                 generated.append(tok)
@@ -323,7 +324,7 @@ class ChatSession:
                     yield ev
             if stop_text.hit:
                 reply.stats.finish_reason = "stop"
-            elif reply.stats.finish_reason == "stop" and generated[-1] == parser._special["<|call|>"]:
+            elif reply.stats.finish_reason == "stop" and generated[-1] == parser.special["<|call|>"]:
                 reply.stats.finish_reason = "tool_calls"
             reply.finish_reason = reply.stats.finish_reason
             reply.problems = list(parser.problems)

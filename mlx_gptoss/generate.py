@@ -196,7 +196,8 @@ def generate(
 
         channels = {ReasoningDelta: "analysis", FinalDelta: "final", CommentaryDelta: "commentary"}
         session = ChatSession(model, instructions=system, reasoning_effort=reasoning_effort)
-        for ev in session.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed):
+        for ev in session.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed,
+                                 prefill_step=prefill_step):  # fmt: skip
             if isinstance(ev, Done):
                 result = ev.reply.stats
                 result.text, result.reasoning = ev.reply.final, ev.reply.reasoning

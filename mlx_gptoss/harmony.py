@@ -136,8 +136,9 @@ class HarmonyStream:
         enc = self.encoding
         self._StreamableParser, self._Role = StreamableParser, Role
         self._parser = StreamableParser(enc, Role.ASSISTANT, strict=False)
-        self._special = {name: enc.encode(name, allowed_special="all")[0] for name in ("<|start|>", "<|end|>", "<|call|>", "<|return|>")}
-        self._ends = {self._special[k] for k in ("<|end|>", "<|call|>", "<|return|>")}
+        # ids of the message-structure tokens, read from the encoding
+        self.special = {name: enc.encode(name, allowed_special="all")[0] for name in ("<|start|>", "<|end|>", "<|call|>", "<|return|>")}
+        self._ends = {self.special[k] for k in ("<|end|>", "<|call|>", "<|return|>")}
         self._done: list[_Msg] = []
         self._n_parsed = 0
         self._call: ToolCall | None = None
@@ -272,7 +273,7 @@ class HarmonyStream:
         return events + self._recover(token)
 
     def _recover(self, token: int) -> list[Event]:
-        if token == self._special["<|start|>"]:
+        if token == self.special["<|start|>"]:
             # a new message begins: hand over to a fresh parser
             self._recovering = False
             self._parser = self._StreamableParser(self.encoding, None, strict=False)
