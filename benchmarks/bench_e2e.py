@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import signal
 import subprocess
 import sys
@@ -24,10 +23,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-
-def peak_rss_gb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+from mlx_gptoss.generate import peak_rss_gb  # noqa: F401 - bench_budget imports it from here
 
 
 def _load(engine: str, path: str):

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mlx_gptoss.config import GptOssConfig
-from mlx_gptoss.safetensors_io import DTYPE_SIZE
+from mlx_gptoss.safetensors_io import tensor_nbytes
 from mlx_gptoss_convert.synthetic import _hf_specs, write_release
 
 SIZES = {"20b": GptOssConfig.gpt_oss_20b, "120b": GptOssConfig.gpt_oss_120b, "tiny": GptOssConfig.tiny}
@@ -37,18 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.vocab_size:
         overrides["vocab_size"] = args.vocab_size
     cfg = SIZES[args.size](**overrides)
-    total = sum(DTYPE_SIZE[s.dtype] * _numel(s.shape) for s in _hf_specs(cfg, dense=args.layout == "hf-dense"))
+    total = sum(tensor_nbytes(s.dtype, s.shape) for s in _hf_specs(cfg, dense=args.layout == "hf-dense"))
     t = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {args.size}", file=sys.stderr) as bar:
         write_release(args.dst, cfg, layout=args.layout, seed=args.seed, tokenizer=args.tokenizer, progress=bar.update)
     print(f"wrote {args.dst} ({total / 1e9:.2f} GB) in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 
 from mlx_gptoss.config import GptOssConfig, QuantSpec
-from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, fsync_dir
+from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, fsync_dir, split_into_shards, tensor_nbytes
 
 from .layout import (BLOCKS, CONCAT, COPY, FORMAT_NAME, FORMAT_VERSION, QLIN_B, QLIN_OPS, QLIN_S, QLIN_W, QUANT_S, QUANT_W,
                      quantizable, rule_for)  # fmt: skip
@@ -52,7 +52,7 @@ class Planned:
 
     @property
     def nbytes(self) -> int:
-        return DTYPE_SIZE[self.dtype] * int(np.prod(self.shape, dtype=np.int64))
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 def _expected_params(config) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -218,18 +218,6 @@ class _Streamer:
             f.close()
 
 
-def _shards(planned: list[Planned], shard_bytes: int) -> list[list[Planned]]:
-    shards: list[list[Planned]] = [[]]
-    size = 0
-    for p in planned:
-        if shards[-1] and size + p.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(p)
-        size += p.nbytes
-    return shards
-
-
 def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_label: str, weight_map: dict[str, str], total: int) -> list[str]:
     from mlx_gptoss import __version__
 
@@ -296,7 +284,7 @@ def convert(
         chosen = tuple(sorted((c, q) for c, q in quantization.items() if q is not None))
         out_config = dataclasses.replace(release.config, quantization=chosen)
     planned = plan(release, out_config)
-    shards = _shards(planned, shard_bytes)
+    shards = split_into_shards(planned, lambda p: p.nbytes, shard_bytes)
     total = sum(p.nbytes for p in planned)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from mlx_gptoss.config import GptOssConfig
-from mlx_gptoss.safetensors_io import SafetensorsWriter
+from mlx_gptoss.safetensors_io import SafetensorsWriter, split_into_shards, tensor_nbytes
 
 from .layout import HF, HF_DENSE, ORIGINAL
 from .vocab import TIKTOKEN_FILE, byte_to_unicode
@@ -240,20 +240,6 @@ def _write_files(path: Path, groups: list[list[tuple[str, str, tuple[int, ...], 
     return weight_map
 
 
-def _split(items: list, shard_bytes: int) -> list[list]:
-    from mlx_gptoss.safetensors_io import DTYPE_SIZE
-
-    groups, size = [[]], 0
-    for it in items:
-        n = DTYPE_SIZE[it[1]] * int(np.prod(it[2], dtype=np.int64))
-        if groups[-1] and size + n > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(it)
-        size += n
-    return groups
-
-
 def write_release(
     dst: str | Path,
     config: GptOssConfig,
@@ -275,7 +261,7 @@ def write_release(
     dst.mkdir(parents=True)
     if layout in (HF, HF_DENSE):
         items = [(s.name, s.dtype, s.shape, [s]) for s in _hf_specs(config, dense=layout == HF_DENSE)]
-        groups = _split(items, shard_bytes)
+        groups = split_into_shards(items, lambda it: tensor_nbytes(it[1], it[2]), shard_bytes)
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         weight_map = _write_files(dst, groups, seed, names, progress)
         total = sum(os.path.getsize(dst / n) for n in names)

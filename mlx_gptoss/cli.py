@@ -45,11 +45,12 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
 
     from mlx_gptoss.config import QuantSpec
     from mlx_gptoss.loader import _REPO_ID
+    from mlx_gptoss.memory import parse_size
     from mlx_gptoss_convert import PRESETS, ConversionError
     from mlx_gptoss_convert import convert as run
 
     try:
-        shard_bytes = _parse_size(shard_size)
+        shard_bytes = parse_size(shard_size)
         quantization = dict(PRESETS[preset])
         for comp, text in (("attention", attention), ("lm_head", lm_head), ("embed_tokens", embedding)):
             if text is not None:
@@ -64,17 +65,6 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
     except (ConversionError, ValueError) as e:
         raise _Fail(str(e)) from None
     click.echo(f"converted {src} -> {out}", err=True)
-
-
-def _parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    try:
-        return int(float(num) * units[unit])
-    except (KeyError, ValueError):
-        raise ValueError(f"cannot read size {text!r} (e.g. 4GB, 512MB)") from None
 
 
 @main.command()

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 import numpy as np
 
@@ -130,7 +130,7 @@ class SafetensorsWriter:
         offset = 0
         self._sizes: list[tuple[str, int]] = []
         for name, dtype, shape in entries:
-            nbytes = DTYPE_SIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+            nbytes = tensor_nbytes(dtype, shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._sizes.append((name, nbytes))
             offset += nbytes
@@ -171,6 +171,24 @@ class SafetensorsWriter:
             self.close()
         else:
             self._fh.close()
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return DTYPE_SIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+
+
+def split_into_shards(items: list, nbytes: Callable[[Any], int], shard_bytes: int) -> list[list]:
+    """Consecutive groups of ``items`` of at most ``shard_bytes`` each (an item larger alone gets its own)."""
+    shards: list[list] = [[]]
+    size = 0
+    for it in items:
+        n = nbytes(it)
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(it)
+        size += n
+    return shards
 
 
 def fsync_dir(path: Path) -> None:
