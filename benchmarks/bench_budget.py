@@ -63,7 +63,7 @@ def worker(a) -> dict:
         c = model.config
         set_routing_trace(model, zipf_trace(c.num_hidden_layers, c.num_local_experts, c.num_experts_per_tok, a.zipf_s, a.seed))
     rng = np.random.default_rng(a.seed)
-    prompt = rng.integers(0, 199998, a.prompt_tokens).tolist()
+    prompt = rng.integers(0, min(199998, model.config.vocab_size), a.prompt_tokens).tolist()
     cache = model.make_cache(reserve=a.context)
     t0 = time.perf_counter()
     model(mx.array(prompt[:-1])[None], cache)

@@ -104,6 +104,9 @@ def stream_tokens(
     n_ctx = model.config.max_position_embeddings
     if not prompt:
         raise ValueError("the prompt is empty")
+    if not 0 <= min(prompt) <= max(prompt) < model.config.vocab_size:
+        # an id outside the embedding table would read out of bounds
+        raise ValueError(f"token ids must be in 0..{model.config.vocab_size - 1} (the model's vocabulary); got {min(prompt)}..{max(prompt)}")
     plan = getattr(model, "memory_plan", None)
     if plan is not None:
         n_ctx = min(n_ctx, plan.context)

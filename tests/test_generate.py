@@ -83,6 +83,11 @@ def test_overlong_prompt(model):
         next(stream_tokens(model, [1] * n, max_tokens=1))
 
 
+def test_token_ids_outside_the_vocabulary(model):
+    with pytest.raises(ValueError, match="model's vocabulary"):
+        next(stream_tokens(model, [1, model.config.vocab_size], max_tokens=1))
+
+
 def test_seeded_sampling_is_reproducible(model):
     a = list(stream_tokens(model, [1, 2, 3], max_tokens=6, temp=1.0, seed=4))
     b = list(stream_tokens(model, [1, 2, 3], max_tokens=6, temp=1.0, seed=4))
