@@ -1,23 +1,63 @@
 """Backend choice for the MoE kernels is made here and nowhere else.
 
-Today every backend runs the pure-MLX twins in :mod:`.ops`. On MLX's CPU backend the MXFP4
-matmuls run with float32 activations: measured on MLX 0.32.4, 1 token x 4 experts of 5760x2880
-takes 217 ms with bf16 activations and 23 ms with float32 ones (same weights, same result up to
-bf16 rounding of the activations).
+- Apple GPU (Metal) and NVIDIA GPU (CUDA): the custom kernels of :mod:`.gpu` (one source,
+  :mod:`.source`) for the routing and, up to :data:`DECODE_MAX_TOKENS` tokens, the experts;
+  longer inputs (prefill) go through MLX's sorted ``gather_qmm``, which reads each expert once.
+- CPU, or ``MLX_GPTOSS_KERNELS=twin`` (or :func:`set_mode`): the pure-MLX twins of :mod:`.ops`,
+  same signatures. On MLX's CPU backend the MXFP4 matmuls run with float32 activations: measured
+  on MLX 0.32.4, 1 token x 4 experts of 5760x2880 takes 217 ms with bf16 activations and 23 ms
+  with float32 ones (same weights, same result up to bf16 rounding of the activations).
 """
 
 from __future__ import annotations
 
+import os
+
 import mlx.core as mx
 
-from . import ops
+from . import gpu, ops
 
-route_topk_softmax = ops.route_topk_softmax
-combine_experts = ops.combine_experts
+# Up to this many tokens the decode kernels run (they read each selected expert's rows once
+# per (token, expert) pair); beyond, sorted gather_qmm reads each expert once. Measured with
+# benchmarks/bench_moe.py (see benchmarks/RESULTS.md).
+DECODE_MAX_TOKENS = 8
+
+_MODES = ("auto", "twin")
+_mode = os.environ.get("MLX_GPTOSS_KERNELS", "auto")
+if _mode not in _MODES:
+    raise ValueError(f"MLX_GPTOSS_KERNELS must be one of {_MODES}, got {_mode!r}")
+
+
+def set_mode(mode: str) -> None:
+    """"auto": custom kernels where the backend has them; "twin": the pure-MLX twins everywhere."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    _mode = mode
+
+
+def backend() -> str:
+    """"metal", "cuda" or "twin": what the MoE ops run on, for the default device."""
+    if _mode == "twin" or mx.default_device() != mx.gpu:
+        return "twin"
+    if mx.metal.is_available():
+        return "metal"
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    return "twin"
 
 
 def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
+
+
+def route_topk_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """Router logits [N, E] -> (expert ids [N, K] uint32, softmax weights over the top k [N, K])."""
+    b = backend()
+    if b == "twin":
+        return ops.route_topk_softmax(logits, k)
+    return gpu.route_topk_softmax(logits, k, dialect=b)
 
 
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *, group_size: int, bits: int, mode: str) -> mx.array:
@@ -31,6 +71,11 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
 
 def moe_mxfp4_swiglu(x: mx.array, indices: mx.array, weights: mx.array, *args: mx.array, limit: float, alpha: float) -> mx.array:
     """Σ_k weight_k · expert_k(x) for MXFP4 experts; see :func:`.ops.moe_mxfp4_swiglu`."""
+    b = backend()
+    if b != "twin" and x.shape[0] <= DECODE_MAX_TOKENS:
+        gw, gs, gb, dw, ds, db = args
+        act = gpu.mxfp4_gate_up_swiglu(x, indices, gw, gs, gb, limit=limit, alpha=alpha, dialect=b)
+        return gpu.mxfp4_down_combine(act, indices, weights, dw, ds, db, out_dtype=x.dtype, dialect=b)
     if _on_cpu() and x.dtype != mx.float32:
         y = ops.moe_mxfp4_swiglu(x.astype(mx.float32), indices, weights, *args, limit=limit, alpha=alpha)
         return y.astype(x.dtype)
@@ -42,3 +87,6 @@ def moe_mxfp4_pairs(x: mx.array, indices: mx.array, *args: mx.array, limit: floa
     if _on_cpu() and x.dtype != mx.float32:
         return ops.moe_mxfp4_pairs(x.astype(mx.float32), indices, *args, limit=limit, alpha=alpha)
     return ops.moe_mxfp4_pairs(x, indices, *args, limit=limit, alpha=alpha)
+
+
+combine_experts = ops.combine_experts

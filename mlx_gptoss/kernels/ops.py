@@ -64,6 +64,22 @@ def moe_mxfp4_pairs(
     return y.squeeze(2) + down_b[indices]
 
 
+def mxfp4_gate_up_swiglu(
+    x: mx.array, indices: mx.array, w: mx.array, s: mx.array, b: mx.array, *, limit: float, alpha: float
+) -> mx.array:
+    """x [N, H], indices [N, K] -> clamped SwiGLU of each selected expert's gate_up, [N, K, I] float32."""
+    h = _mxfp4(x[:, None, None, :], w, s, indices, False).squeeze(2) + b[indices]  # [N, K, 2I]
+    return swiglu_clamped(h, limit, alpha).astype(mx.float32)
+
+
+def mxfp4_down_combine(
+    act: mx.array, indices: mx.array, weights: mx.array, w: mx.array, s: mx.array, b: mx.array, *, out_dtype: mx.Dtype
+) -> mx.array:
+    """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k), [N, H]."""
+    y = _mxfp4(act[:, :, None, :], w, s, indices, False).squeeze(2) + b[indices]  # [N, K, H]
+    return combine_experts(y, weights.astype(mx.float32)).astype(out_dtype)
+
+
 def combine_experts(y: mx.array, weights: mx.array) -> mx.array:
     """Σ_k weight_k · y_k: [N, K, H], [N, K] -> [N, H]."""
     return (y * weights[..., None].astype(y.dtype)).sum(axis=1)

@@ -1,0 +1,78 @@
+"""The MoE kernels on Apple GPUs (``mx.fast.metal_kernel``) and NVIDIA GPUs (``mx.fast.cuda_kernel``).
+
+Same signatures as the twins in :mod:`.ops`; the source is :mod:`.source`, rendered per dialect.
+Kernels are built once per (dialect, SwiGLU constants) and cached.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from . import source as S
+
+# Launch shapes: warps per threadgroup and output columns (gate_up) / rows (down) per warp.
+# Defaults from benchmarks/bench_moe.py on an H100; tuned() overrides them for sweeps.
+GATE_UP_LAUNCH = (4, 4)  # (WARPS, JW)
+DOWN_LAUNCH = (4, 2)
+
+
+@lru_cache(maxsize=None)
+def _kernel(dialect: str, name: str, limit: float = 7.0, alpha: float = 1.702):
+    spec = S.SPECS[name]
+    make = mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
+    return make(
+        name=name,
+        input_names=list(spec.inputs),
+        output_names=list(spec.outputs),
+        source=S.body(dialect, name),
+        header=S.header(dialect, limit, alpha),
+    )
+
+
+def route_topk_softmax(logits: mx.array, k: int, *, dialect: str) -> tuple[mx.array, mx.array]:
+    """Router logits [N, E] -> (expert ids [N, K] uint32, weights [N, K]); ties go to the lower id."""
+    N, E = logits.shape
+    out = _kernel(dialect, S.ROUTE)(
+        inputs=[logits],
+        template=[("E", E), ("K", k), ("OutT", logits.dtype)],
+        grid=(32 * N, 1, 1),
+        threadgroup=(32, 1, 1),
+        output_shapes=[(N, k), (N, k)],
+        output_dtypes=[mx.uint32, logits.dtype],
+    )
+    return out[0], out[1]
+
+
+def mxfp4_gate_up_swiglu(x, indices, w, s, b, *, limit: float, alpha: float, dialect: str, launch=None) -> mx.array:
+    """x [N, H], indices [N, K] -> clamped SwiGLU of each selected expert's gate_up, [N, K, I] float32."""
+    N, H = x.shape
+    K = indices.shape[1]
+    I = w.shape[1] // 2
+    warps, jw = launch or GATE_UP_LAUNCH
+    per_group = warps * jw
+    return _kernel(dialect, S.GATE_UP, float(limit), float(alpha))(
+        inputs=[x, indices, w, s, b],
+        template=[("H", H), ("I", I), ("K", K), ("JW", jw), ("WARPS", warps)],
+        grid=(32 * warps * ((I + per_group - 1) // per_group), N * K, 1),
+        threadgroup=(32 * warps, 1, 1),
+        output_shapes=[(N, K, I)],
+        output_dtypes=[mx.float32],
+    )[0]
+
+
+def mxfp4_down_combine(act, indices, weights, w, s, b, *, out_dtype, dialect: str, launch=None) -> mx.array:
+    """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k), [N, H]."""
+    N, K, I = act.shape
+    H = w.shape[1]
+    warps, jw = launch or DOWN_LAUNCH
+    per_group = warps * jw
+    return _kernel(dialect, S.DOWN)(
+        inputs=[act, indices, weights, w, s, b],
+        template=[("H", H), ("I", I), ("K", K), ("JW", jw), ("WARPS", warps), ("OutT", out_dtype)],
+        grid=(32 * warps * ((H + per_group - 1) // per_group), N, 1),
+        threadgroup=(32 * warps, 1, 1),
+        output_shapes=[(N, H)],
+        output_dtypes=[out_dtype],
+    )[0]
