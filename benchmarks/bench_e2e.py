@@ -30,9 +30,12 @@ def _load(engine: str, path: str):
     """Returns (forward(ids[1, T], cache) -> logits, make_cache)."""
     import mlx.core as mx
 
-    if engine == "mlx-gptoss":
+    if engine.startswith("mlx-gptoss"):
         import mlx_gptoss
+        from mlx_gptoss import kernels
 
+        # "mlx-gptoss:twin" runs the pure-MLX twins instead of the custom kernels
+        kernels.set_mode("twin" if engine.endswith(":twin") else "auto")
         model = mlx_gptoss.load(path)
         mx.eval(model.parameters())
         return (lambda ids, cache: model(ids, cache)), model.make_cache
@@ -71,7 +74,7 @@ def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_t
     import numpy as np
 
     out: dict = {"engine": engine}
-    __import__("mlx_gptoss.loader" if engine == "mlx-gptoss" else "mlx_lm.utils")  # import time is not load time
+    __import__("mlx_gptoss.loader" if engine.startswith("mlx-gptoss") else "mlx_lm.utils")  # import time is not load time
     t = time.perf_counter()
     forward, make_cache = _load(engine, path)
     out["load_s"] = time.perf_counter() - t
@@ -87,6 +90,10 @@ def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_t
     out["peak_mlx_gb"] = mx.get_peak_memory() / 1e9
     out["peak_rss_gb"] = peak_rss_gb()
     out["device"] = str(mx.default_device())
+    if engine.startswith("mlx-gptoss"):
+        from mlx_gptoss import kernels
+
+        out["kernels"] = kernels.backend()
     return out
 
 
@@ -121,12 +128,15 @@ def markdown(res: dict) -> str:
         rows.append(f"| {r['engine']} | {r['load_s']:.1f} | {r['warmup_s']:.1f} | {r['prefill_tok_s']:.3f} | {dec} "
                     f"| {r['peak_mlx_gb']:.2f} | {r['peak_rss_gb']:.2f} |")  # fmt: skip
     ok = {r["engine"]: r for r in res["results"] if "error" not in r}
-    if {"mlx-gptoss", "mlx-lm"} <= ok.keys():
-        ours, peer = ok["mlx-gptoss"], ok["mlx-lm"]
+    agree = []
+    for name in [e for e in ok if e.startswith("mlx-gptoss")] if "mlx-lm" in ok else []:
+        ours, peer = ok[name], ok["mlx-lm"]
         ratio = lambda k: f"{ours[k] / peer[k]:.2f}x" if ours.get(k) and peer.get(k) else "-"  # noqa: E731
-        rows.append(f"| **ratio** (ours / mlx-lm) | | | {ratio('prefill_tok_s')} | {ratio('decode_tok_s')} | | |")
+        rows.append(f"| **ratio** ({name} / mlx-lm) | | | {ratio('prefill_tok_s')} | {ratio('decode_tok_s')} | | |")
         same = sum(a == b for a, b in zip(ours["tokens"], peer["tokens"]))
-        rows.append(f"\nGreedy tokens agreeing with mlx-lm (bf16 both): {same} of {len(ours['tokens'])}.")
+        agree.append(f"{name}: {same} of {len(ours['tokens'])}")
+    if agree:
+        rows.append("\nGreedy tokens agreeing with mlx-lm (bf16 both): " + "; ".join(agree) + ".")
     head = (f"Run {res['date']} on {m.get('cpu')} ({m['cpu_count']} cores, {m.get('ram_gb')} GB RAM), "
             f"{m['platform']}, device {m['device']}; mlx {m['mlx']}, mlx-lm {m.get('mlx-lm')}, "
             f"mlx-gptoss {m.get('mlx-gptoss')}.  \nWeights: {a['release']} (released layout, for mlx-lm) and "
@@ -159,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        path = args.converted if args.worker == "mlx-gptoss" else args.release
+        path = args.converted if args.worker.startswith("mlx-gptoss") else args.release
         res = worker(args.worker, path, args.prompt_tokens, args.gen_tokens, args.warmup_tokens, args.prefill_step, args.seed)
         print("RESULT " + json.dumps(res), flush=True)
         return

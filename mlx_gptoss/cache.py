@@ -38,19 +38,28 @@ class KVCache(_Cache):
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         # k, v: [B, kv_heads, T, D]
         prev, T = self.offset, k.shape[2]
-        if self.keys is None or prev + T > self.keys.shape[2]:
-            grow = ((T + self.step - 1) // self.step) * self.step
-            shape = (*k.shape[:2], grow, k.shape[3])
-            new_k, new_v = mx.zeros(shape, k.dtype), mx.zeros(shape, v.dtype)
-            if self.keys is None:
-                self.keys, self.values = new_k, new_v
-            else:
-                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self.make_room(T, k.shape, k.dtype)
         self.offset += T
         self.keys[..., prev : self.offset, :] = k
         self.values[..., prev : self.offset, :] = v
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def make_room(self, T: int, like: tuple[int, ...] | None = None, dtype: mx.Dtype | None = None) -> None:
+        """Grow the buffer (in steps) so that ``T`` more positions fit; ``like`` is a [B, kv_heads,
+        *, D] shape and ``dtype`` the dtype, needed only while the cache is empty."""
+        prev = self.offset
+        if self.keys is not None and prev + T <= self.keys.shape[2]:
+            return
+        grow = ((T + self.step - 1) // self.step) * self.step
+        ref = self.keys.shape if self.keys is not None else like
+        dtype = self.keys.dtype if self.keys is not None else dtype
+        shape = (*ref[:2], grow, ref[3])
+        new_k, new_v = mx.zeros(shape, dtype), mx.zeros(shape, dtype)
+        if self.keys is None:
+            self.keys, self.values = new_k, new_v
+        else:
+            self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+            self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
 
     def trim(self, n: int) -> int:
         """Forget the last ``n`` positions; returns how many were forgotten."""

@@ -13,7 +13,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import kernels
+from . import decode, kernels
 from .cache import KVCache, SlidingKVCache, causal_mask, window_mask
 from .config import FULL, SLIDING, GptOssConfig
 from .layers import embedding, linear
@@ -34,19 +34,27 @@ class Attention(nn.Module):
         self._rope = rope
         self._scale = rope.logit_scale / math.sqrt(self.head_dim)
 
-    def __call__(self, x: mx.array, mask: Any, cache: KVCache | SlidingKVCache | None) -> mx.array:
+    def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D] for tokens at positions offset.., RoPE applied."""
         B, T, _ = x.shape
         D, q_end, k_end = self.head_dim, self.n_q * self.head_dim, (self.n_q + self.n_kv) * self.head_dim
         qkv = self.qkv(x)
         q = qkv[..., :q_end].reshape(B, T, self.n_q, D).transpose(0, 2, 1, 3)
         k = qkv[..., q_end:k_end].reshape(B, T, self.n_kv, D).transpose(0, 2, 1, 3)
         v = qkv[..., k_end:].reshape(B, T, self.n_kv, D).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self._rope(q, offset), self._rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        return self._rope(q, offset), self._rope(k, offset), v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any) -> mx.array:
+        """Attention (with sinks) of q over k/v, then the output projection: [B, T, H]."""
+        B, _, T, _ = q.shape
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask, sinks=self.sinks)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+    def __call__(self, x: mx.array, mask: Any, cache: KVCache | SlidingKVCache | None) -> mx.array:
+        q, k, v = self.project(x, cache.offset if cache is not None else 0)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.attend(q, k, v, mask)
 
 
 class MXFP4Experts(nn.Module):
@@ -112,6 +120,7 @@ class GptOss(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = linear(config.hidden_size, config.vocab_size, False, config.quant("lm_head"))
         self.tokenizer: Any = None  # set by the loader
+        self._decoder: decode.CompiledDecode | None = None
 
     def chat(self, **options: Any) -> "ChatSession":  # noqa: F821
         """A harmony chat session with this model; see :class:`mlx_gptoss.chat.ChatSession`."""
@@ -141,4 +150,13 @@ class GptOss(nn.Module):
         return self.norm(x)
 
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
+        if decode.ENABLED and cache is not None and ids.shape == (1, 1) and self._plain():
+            if self._decoder is None:
+                self._decoder = decode.CompiledDecode(self)
+            if self._decoder.supports(ids, cache):
+                return self._decoder(ids, cache)
         return self.lm_head(self.hidden_states(ids, cache))
+
+    def _plain(self) -> bool:
+        # the compiled step traces MLX ops only: not the streamed experts' or host embedding's Python
+        return isinstance(self.embed_tokens, nn.Module) and all(type(layer.mlp) is MoE for layer in self.layers)

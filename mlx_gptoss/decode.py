@@ -1,0 +1,87 @@
+"""One decode step (batch 1, one token) as a single ``mx.compile``'d graph.
+
+Decoding is many small kernels per token (norms, the qkv/o matmuls, RoPE, cache writes,
+attention, routing, experts, residual adds; ~17 per layer). Traced op by op from Python, the
+host-side graph building can take longer than the GPU work. Compiled, a step is one call: the
+KV buffers are passed in and returned (written with ``slice_update`` at a position held in an
+array), so the graph's shapes stay fixed while the position moves, and attention masks the
+unused slots. Shapes change only when a full-attention buffer grows (every
+``KVCache.step`` positions): that compiles the step once more.
+
+Used by :meth:`GptOss.__call__` for one-token calls when :data:`ENABLED`
+(``MLX_GPTOSS_COMPILE=0`` turns it off) and the model is the plain in-memory one (a streamed
+or host-embedding model keeps the eager path: its Python-side expert cache cannot be traced).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlx.core as mx
+
+from .cache import KVCache, SlidingKVCache
+from .config import SLIDING
+
+ENABLED = os.environ.get("MLX_GPTOSS_COMPILE", "1") != "0"
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the compiled decode step on or off (for every model)."""
+    global ENABLED
+    ENABLED = bool(on)
+
+
+class CompiledDecode:
+    """``step(ids[1, 1], cache) -> logits[1, 1, V]`` for one model, compiled on first use."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        self._fn = mx.compile(self._step)
+
+    def supports(self, ids: mx.array, cache: list | None) -> bool:
+        """One token, batch 1, caches of the model's own kinds with their buffers in place."""
+        if cache is None or ids.shape != (1, 1):
+            return False
+        W = self.model.config.sliding_window
+        for c in cache:
+            if isinstance(c, SlidingKVCache):
+                if c.keys is None or c.keys.shape[2] != W:
+                    return False
+            elif type(c) is not KVCache or c.keys is None:
+                return False
+        return len({c.offset for c in cache}) == 1
+
+    def _step(self, ids: mx.array, pos: mx.array, *state: mx.array) -> list[mx.array]:
+        m, W = self.model, self.model.config.sliding_window
+        x = m.embed_tokens(ids)
+        out = []
+        for i, layer in enumerate(m.layers):
+            keys, values = state[2 * i], state[2 * i + 1]
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), pos)
+            sliding = m.config.layer_types[i] == SLIDING
+            at = (pos % W if sliding else pos).reshape(1)
+            keys = mx.slice_update(keys, k, at, axes=(2,))
+            values = mx.slice_update(values, v, at, axes=(2,))
+            slots = mx.arange(keys.shape[2])
+            # full layers: positions 0..pos; sliding: slot s holds a position in the window once
+            # the window has filled, before that only slots 0..pos are written
+            mask = (slots <= pos) | (pos >= W) if sliding else slots <= pos
+            x = x + attn.attend(q, keys, values, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            out += [keys, values]
+        return [m.lm_head(m.norm(x)), *out]
+
+    def __call__(self, ids: mx.array, cache: list) -> mx.array:
+        for c in cache:
+            if isinstance(c, KVCache):
+                c.make_room(1)
+        pos = mx.array(cache[0].offset, dtype=mx.int32)
+        state = [a for c in cache for a in (c.keys, c.values)]
+        res = self._fn(ids, pos, *state)
+        del state  # the old buffers are referenced only by the graph now, so writes can reuse them
+        for i, c in enumerate(cache):
+            c.keys, c.values = res[1 + 2 * i], res[2 + 2 * i]
+            c.offset += 1
+        return res[0]
