@@ -34,25 +34,32 @@ def _load(engine: str, path: str):
         import mlx_gptoss
         from mlx_gptoss import kernels
 
-        # "mlx-gptoss:twin" runs the pure-MLX twins instead of the custom kernels
-        kernels.set_mode("twin" if engine.endswith(":twin") else "auto")
+        from mlx_gptoss import decode
+
+        # options after ':' — "twin": the pure-MLX twins instead of the custom kernels;
+        # "eager": no compiled decode step (e.g. "mlx-gptoss:twin:eager")
+        opts = set(engine.split(":")[1:])
+        if opts - {"twin", "eager"}:
+            raise ValueError(f"unknown engine options {opts - {'twin', 'eager'}} in {engine!r}")
+        kernels.set_mode("twin" if "twin" in opts else "auto")
+        decode.set_enabled("eager" not in opts)
         model = mlx_gptoss.load(path)
         mx.eval(model.parameters())
-        return (lambda ids, cache: model(ids, cache)), model.make_cache
+        return (lambda ids, cache: model(ids, cache)), (lambda n: model.make_cache(reserve=n))  # as generate() does
     if engine == "mlx-lm":
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.utils import load_model
 
         model, _ = load_model(Path(path))  # reads every weight (not lazy)
-        return (lambda ids, cache: model(ids, cache=cache)), (lambda: make_prompt_cache(model))
+        return (lambda ids, cache: model(ids, cache=cache)), (lambda n: make_prompt_cache(model))
     raise ValueError(engine)
 
 
-def _run(forward, make_cache, prompt: list[int], n_gen: int, prefill_step: int) -> dict:
+def _run(forward, make_cache, prompt: list[int], n_gen: int, prefill_step: int, reserve: int) -> dict:
     """Prefill ``prompt`` (in chunks), then greedy-decode ``n_gen`` tokens; timings in seconds."""
     import mlx.core as mx
 
-    cache = make_cache()
+    cache = make_cache(reserve)
     t0 = time.perf_counter()
     for i in range(0, len(prompt) - 1, prefill_step):
         forward(mx.array(prompt[i : min(i + prefill_step, len(prompt) - 1)])[None], cache)
@@ -80,10 +87,11 @@ def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_t
     out["load_s"] = time.perf_counter() - t
     rng = np.random.default_rng(seed)
     vocab = min(json.loads((Path(path) / "config.json").read_text())["vocab_size"], 199998)  # ordinary tokens
-    warm = _run(forward, make_cache, rng.integers(0, vocab, warmup_tokens).tolist(), 3, prefill_step)
+    # the warm-up's cache has the measured run's size: the compiled decode step is traced for it here
+    warm = _run(forward, make_cache, rng.integers(0, vocab, warmup_tokens).tolist(), 3, prefill_step, prompt_tokens + gen_tokens)
     out["warmup_s"] = warm["prefill_s"] + warm["decode_s"]
     mx.reset_peak_memory()
-    r = _run(forward, make_cache, rng.integers(0, vocab, prompt_tokens).tolist(), gen_tokens, prefill_step)
+    r = _run(forward, make_cache, rng.integers(0, vocab, prompt_tokens).tolist(), gen_tokens, prefill_step, prompt_tokens + gen_tokens)
     out["prefill_tok_s"] = prompt_tokens / r["prefill_s"]
     out["decode_tok_s"] = (gen_tokens - 1) / r["decode_s"] if gen_tokens > 1 else None
     out["tokens"] = r["tokens"]

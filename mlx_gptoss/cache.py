@@ -44,13 +44,16 @@ class KVCache(_Cache):
         self.values[..., prev : self.offset, :] = v
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    def make_room(self, T: int, like: tuple[int, ...] | None = None, dtype: mx.Dtype | None = None) -> None:
+    def make_room(self, T: int, like: tuple[int, ...] | None = None, dtype: mx.Dtype | None = None, double: bool = False) -> None:
         """Grow the buffer (in steps) so that ``T`` more positions fit; ``like`` is a [B, kv_heads,
-        *, D] shape and ``dtype`` the dtype, needed only while the cache is empty."""
+        *, D] shape and ``dtype`` the dtype, needed only while the cache is empty. ``double``
+        at least doubles the capacity (few distinct shapes, for the compiled decode step)."""
         prev = self.offset
         if self.keys is not None and prev + T <= self.keys.shape[2]:
             return
         grow = ((T + self.step - 1) // self.step) * self.step
+        if double and self.keys is not None:
+            grow = max(grow, self.keys.shape[2] - prev)
         ref = self.keys.shape if self.keys is not None else like
         dtype = self.keys.dtype if self.keys is not None else dtype
         shape = (*ref[:2], grow, ref[3])

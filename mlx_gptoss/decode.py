@@ -5,8 +5,9 @@ attention, routing, experts, residual adds; ~17 per layer). Traced op by op from
 host-side graph building can take longer than the GPU work. Compiled, a step is one call: the
 KV buffers are passed in and returned (written with ``slice_update`` at a position held in an
 array), so the graph's shapes stay fixed while the position moves, and attention masks the
-unused slots. Shapes change only when a full-attention buffer grows (every
-``KVCache.step`` positions): that compiles the step once more.
+unused slots. Shapes change only when a full-attention buffer grows: that compiles the step
+once more, so here buffers grow by doubling (and ``generate`` reserves the prompt plus the
+tokens asked for up front, so a generation compiles once).
 
 Used by :meth:`GptOss.__call__` for one-token calls when :data:`ENABLED`
 (``MLX_GPTOSS_COMPILE=0`` turns it off) and the model is the plain in-memory one (a streamed
@@ -76,7 +77,7 @@ class CompiledDecode:
     def __call__(self, ids: mx.array, cache: list) -> mx.array:
         for c in cache:
             if isinstance(c, KVCache):
-                c.make_room(1)
+                c.make_room(1, double=True)
         pos = mx.array(cache[0].offset, dtype=mx.int32)
         state = [a for c in cache for a in (c.keys, c.values)]
         res = self._fn(ids, pos, *state)

@@ -118,7 +118,8 @@ def stream_tokens(
     if seed is not None:
         mx.random.seed(seed)
     sampler = sampler or make_sampler(temp, top_p)
-    cache = model.make_cache() if cache is None else cache
+    # room for the whole generation up front: no buffer regrowth (and no recompiled decode step)
+    cache = model.make_cache(reserve=len(prompt) + max_tokens) if cache is None else cache
     if not 0 <= cached < len(prompt) or any(c.offset != cached for c in cache):
         raise ValueError(f"the cache must hold exactly the first {cached} < {len(prompt)} prompt tokens")
     stops = set(stop_tokens)

@@ -248,7 +248,10 @@ GX_INLINE float gx_simd_max(float v) {
   return v;
 }
 GX_INLINE uint32_t gx_simd_min_u(uint32_t v) {
-  for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    uint32_t u = __shfl_xor_sync(0xffffffffu, v, o);
+    v = u < v ? u : v;
+  }
   return v;
 }
 """
