@@ -37,12 +37,12 @@ def _load(engine: str, path: str):
         from mlx_gptoss import decode
 
         # options after ':' — "twin": the pure-MLX twins instead of the custom kernels;
-        # "eager": no compiled decode step (e.g. "mlx-gptoss:twin:eager")
+        # "eager"/"compile": force the compiled decode step off/on (default: mlx_gptoss.decode's)
         opts = set(engine.split(":")[1:])
-        if opts - {"twin", "eager"}:
-            raise ValueError(f"unknown engine options {opts - {'twin', 'eager'}} in {engine!r}")
+        if opts - {"twin", "eager", "compile"}:
+            raise ValueError(f"unknown engine options {opts - {'twin', 'eager', 'compile'}} in {engine!r}")
         kernels.set_mode("twin" if "twin" in opts else "auto")
-        decode.set_enabled("eager" not in opts)
+        decode.set_enabled(True if "compile" in opts else False if "eager" in opts else None)
         model = mlx_gptoss.load(path)
         mx.eval(model.parameters())
         return (lambda ids, cache: model(ids, cache)), (lambda n: model.make_cache(reserve=n))  # as generate() does
@@ -76,6 +76,26 @@ def _run(forward, make_cache, prompt: list[int], n_gen: int, prefill_step: int, 
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens}
 
 
+def _split(forward, make_cache, prompt: list[int], reserve: int, steps: int = 16) -> dict:
+    """Where a decode step's time goes: building its graph in Python (the forward call) and
+    evaluating it (mx.eval, synchronous: no overlap with the next step). Medians in ms."""
+    import mlx.core as mx
+
+    cache = make_cache(reserve)
+    y = mx.argmax(forward(mx.array(prompt)[None], cache)[:, -1, :], axis=-1)
+    mx.eval(y)
+    build, run = [], []
+    for _ in range(steps):
+        t = time.perf_counter()
+        logits = forward(y[:, None], cache)
+        y = mx.argmax(logits[:, -1, :], axis=-1)
+        t1 = time.perf_counter()
+        mx.eval(y)
+        build.append(t1 - t)
+        run.append(time.perf_counter() - t1)
+    return {"decode_build_ms": 1e3 * sorted(build)[steps // 2], "decode_eval_ms": 1e3 * sorted(run)[steps // 2]}
+
+
 def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_tokens: int, prefill_step: int, seed: int) -> dict:
     import mlx.core as mx
     import numpy as np
@@ -96,12 +116,15 @@ def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_t
     out["decode_tok_s"] = (gen_tokens - 1) / r["decode_s"] if gen_tokens > 1 else None
     out["tokens"] = r["tokens"]
     out["peak_mlx_gb"] = mx.get_peak_memory() / 1e9
+    out.update(_split(forward, make_cache, rng.integers(0, vocab, 16).tolist(), prompt_tokens + gen_tokens))
     out["peak_rss_gb"] = peak_rss_gb()
     out["device"] = str(mx.default_device())
     if engine.startswith("mlx-gptoss"):
         from mlx_gptoss import kernels
 
-        out["kernels"] = kernels.backend()
+        from mlx_gptoss import decode
+
+        out["kernels"], out["compiled_decode"] = kernels.backend(), decode.enabled()
     return out
 
 

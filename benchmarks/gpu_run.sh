@@ -4,6 +4,7 @@
 # written there. Every stage has its own time limit and writes its log into $OUT as it goes.
 #
 #   bash benchmarks/gpu_run.sh            (on the GPU machine, MLX importable; OUT=<dir for results>)
+# At most 8 files come back from the device tool: the script writes exactly 8.
 #   GX_LAYERS=2 GX_DRY=1 OUT=/tmp/out bash benchmarks/gpu_run.sh   (a rehearsal on any machine)
 set -u
 OUT=${OUT:-bench-out/gpu}
@@ -22,30 +23,30 @@ log "checkpoint: writing ($LAYERS layers) in the background"
 ( rm -rf "$CK"; mkdir -p "$CK" &&
   python3 benchmarks/make_checkpoint.py "$CK/release" --size 20b --layers "$LAYERS" &&
   python3 -m mlx_gptoss.cli convert "$CK/release" "$CK/converted" &&
-  echo done >"$CK/READY" ) >"$OUT/checkpoint.log" 2>&1 &
+  echo done >"$CK/READY" ) >"/tmp/gx-checkpoint.log" 2>&1 &
 
 log "parity tests"
 DRY=""; [ "${GX_DRY:-}" = 1 ] && DRY="GX_DRYRUN=1"
-env $DRY timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode.py >"$OUT/tests.log" 2>&1
+env $DRY timeout ${GX_TEST_TIMEOUT:-90} python3 -m pytest -q -rf -s -p no:cacheprovider tests/test_kernels_gpu.py tests/test_decode.py >"$OUT/tests.log" 2>&1
 log "parity tests: exit $? ($(tail -1 "$OUT/tests.log"))"
 
 log "moe micro-benchmark"
-timeout 150 python3 benchmarks/bench_moe.py --sweep --json "$OUT/moe.json" >"$OUT/moe.log" 2>&1
+timeout ${GX_MOE_TIMEOUT:-150} python3 benchmarks/bench_moe.py ${GX_SWEEP:---sweep} --tokens ${GX_TOKENS:-1,4,16,128,2048} --reps 20 --json "$OUT/moe.json" >"$OUT/moe.log" 2>&1
 log "moe micro-benchmark: exit $?"
 
-for i in $(seq 1 120); do [ -f "$CK/READY" ] && break; sleep 1; done
-log "checkpoint ready: $(cat "$CK/READY" 2>/dev/null || echo NO); $(tail -2 "$OUT/checkpoint.log" | tr '\n' ' ')"
+for i in $(seq 1 ${GX_CKPT_WAIT:-120}); do [ -f "$CK/READY" ] && break; sleep 1; done
+log "checkpoint ready: $(cat "$CK/READY" 2>/dev/null || echo NO); $(tail -3 /tmp/gx-checkpoint.log | tr '\n' ' ')"
 du -sh "$CK"/* >>"$OUT/run.log" 2>&1
 
 log "e2e: prompt 128, 64 decoded"
-timeout 200 python3 benchmarks/bench_e2e.py --release "$CK/release" --converted "$CK/converted" \
-  --engines mlx-lm,mlx-gptoss,mlx-gptoss:eager,mlx-gptoss:twin --prompt-tokens 128 --gen-tokens 64 --warmup-tokens 16 \
-  --json "$OUT/e2e-128.json" --markdown "$OUT/e2e-128.md" >"$OUT/e2e-128.log" 2>&1
+timeout ${GX_E2E_TIMEOUT:-200} python3 benchmarks/bench_e2e.py --release "$CK/release" --converted "$CK/converted" \
+  --engines ${GX_ENGINES:-mlx-lm,mlx-gptoss,mlx-gptoss:compile,mlx-gptoss:twin} --prompt-tokens 128 --gen-tokens 64 --warmup-tokens 16 \
+  --json "$OUT/e2e-128.json" >"$OUT/e2e-128.log" 2>&1
 log "e2e 128: exit $?"
 
 log "e2e: prompt 2048, 16 decoded"
-timeout 120 python3 benchmarks/bench_e2e.py --release "$CK/release" --converted "$CK/converted" \
+timeout ${GX_E2E2_TIMEOUT:-120} python3 benchmarks/bench_e2e.py --release "$CK/release" --converted "$CK/converted" \
   --engines mlx-lm,mlx-gptoss --prompt-tokens 2048 --gen-tokens 16 --warmup-tokens 16 --prefill-step 2048 \
-  --json "$OUT/e2e-2048.json" --markdown "$OUT/e2e-2048.md" >"$OUT/e2e-2048.log" 2>&1
+  --json "$OUT/e2e-2048.json" >"$OUT/e2e-2048.log" 2>&1
 log "e2e 2048: exit $?"
 log "end"

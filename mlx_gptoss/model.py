@@ -37,12 +37,10 @@ class Attention(nn.Module):
     def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D] for tokens at positions offset.., RoPE applied."""
         B, T, _ = x.shape
-        D, q_end, k_end = self.head_dim, self.n_q * self.head_dim, (self.n_q + self.n_kv) * self.head_dim
-        qkv = self.qkv(x)
-        q = qkv[..., :q_end].reshape(B, T, self.n_q, D).transpose(0, 2, 1, 3)
-        k = qkv[..., q_end:k_end].reshape(B, T, self.n_kv, D).transpose(0, 2, 1, 3)
-        v = qkv[..., k_end:].reshape(B, T, self.n_kv, D).transpose(0, 2, 1, 3)
-        return self._rope(q, offset), self._rope(k, offset), v
+        nq, nqk = self.n_q, self.n_q + self.n_kv
+        qkv = self.qkv(x).reshape(B, T, -1, self.head_dim).transpose(0, 2, 1, 3)  # [B, Hq+2Hkv, T, D]
+        qk = self._rope(qkv[:, :nqk], offset)  # one RoPE call for q and k (few ops: decode is launch-bound)
+        return qk[:, :nq], qk[:, nq:], qkv[:, nqk:]
 
     def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any) -> mx.array:
         """Attention (with sinks) of q over k/v, then the output projection: [B, T, H]."""
@@ -79,14 +77,15 @@ class MoE(nn.Module):
         self.gate_up = MXFP4Experts(E, H, 2 * I)
         self.down = MXFP4Experts(E, I, H)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        """The routed experts' sum for x [..., H], plus ``residual`` when given (fused on GPUs)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         indices, weights = kernels.route_topk_softmax(self.router(x), self.k)
         g, d = self.gate_up, self.down
         y = kernels.moe_mxfp4_swiglu(
             x, indices, weights, g.weight, g.scales, g.bias, d.weight, d.scales, d.bias,
-            limit=self.limit, alpha=self.alpha,
+            limit=self.limit, alpha=self.alpha, residual=None if residual is None else residual.reshape(x.shape),
         )  # fmt: skip
         return y.reshape(shape)
 
@@ -101,7 +100,7 @@ class Block(nn.Module):
 
     def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
         x = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class GptOss(nn.Module):
@@ -150,7 +149,7 @@ class GptOss(nn.Module):
         return self.norm(x)
 
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
-        if decode.ENABLED and cache is not None and ids.shape == (1, 1) and self._plain():
+        if decode.enabled() and cache is not None and ids.shape == (1, 1) and self._plain():
             if self._decoder is None:
                 self._decoder = decode.CompiledDecode(self)
             if self._decoder.supports(ids, cache):

@@ -183,7 +183,7 @@ class StreamedMoE(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         logits = self.router(x)
@@ -209,7 +209,7 @@ class StreamedMoE(nn.Module):
         for fut in self._staged.values():  # guesses that did not come true
             fut.cancel()
         self._staged.clear()
-        return y.reshape(shape)
+        return y.reshape(shape) if residual is None else residual + y.reshape(shape)
 
     def _slots(self, ids: np.ndarray) -> mx.array:
         lut = np.zeros(self._E, dtype=np.uint32)

@@ -17,7 +17,7 @@ def counted(monkeypatch):
     real = decode.CompiledDecode.__call__
     monkeypatch.setattr(decode.CompiledDecode, "__call__", lambda self, ids, cache: calls.append(1) or real(self, ids, cache))
     yield calls
-    decode.set_enabled(True)
+    decode.set_enabled(None)
 
 
 def steps(model, prompt, n, compiled):

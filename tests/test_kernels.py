@@ -104,11 +104,16 @@ def test_twins_match_naive_reference(case):
     assert rel_err(act, act_ref) < 1e-5
     y = ops.mxfp4_down_combine(act, ii, wi, dw, ds, db, out_dtype=mx.float32)
     assert rel_err(y, y_ref) < 1e-5
+    resid = rng.normal(0, 1, (N, H)).astype(np.float32)
+    y = ops.mxfp4_down_combine(act, ii, wi, dw, ds, db, mx.array(resid), out_dtype=mx.float32)
+    assert rel_err(y, y_ref + resid) < 1e-5
     # the whole MoE (sorted gather_qmm from ops.SORT_THRESHOLD pairs on) and the dispatcher
     full = ops.moe_mxfp4_swiglu(xi, ii, wi, gw, gs, gb, dw, ds, db, limit=LIMIT, alpha=ALPHA)
     assert rel_err(full, y_ref) < 1e-5
     via = kernels.moe_mxfp4_swiglu(xi, ii, wi, gw, gs, gb, dw, ds, db, limit=LIMIT, alpha=ALPHA)
     assert rel_err(via, y_ref) < 1e-5
+    via = kernels.moe_mxfp4_swiglu(xi, ii, wi, gw, gs, gb, dw, ds, db, limit=LIMIT, alpha=ALPHA, residual=mx.array(resid))
+    assert rel_err(via, y_ref + resid) < 1e-5
 
 
 def test_route_twin_matches_reference():
@@ -172,7 +177,8 @@ def test_env_var_forces_twin():
 REAL = {  # gpt-oss-20b sizes and the launch shapes the dispatcher uses
     S.ROUTE: (["bfloat16"], ["uint32", "bfloat16"], {"E": 32, "K": 4, "OutT": "bfloat16"}),
     S.GATE_UP: (["bfloat16", "uint32", "uint32", "uint8", "bfloat16"], ["float32"], {"H": 2880, "I": 2880, "K": 4, "JW": gpu.GATE_UP_LAUNCH[1], "WARPS": gpu.GATE_UP_LAUNCH[0]}),
-    S.DOWN: (["float32", "uint32", "bfloat16", "uint32", "uint8", "bfloat16"], ["bfloat16"], {"H": 2880, "I": 2880, "K": 4, "JW": gpu.DOWN_LAUNCH[1], "WARPS": gpu.DOWN_LAUNCH[0], "OutT": "bfloat16"}),
+    S.DOWN: (["float32", "uint32", "bfloat16", "uint32", "uint8", "bfloat16", "bfloat16"], ["bfloat16"],
+             {"H": 2880, "I": 2880, "K": 4, "JW": gpu.DOWN_LAUNCH[1], "WARPS": gpu.DOWN_LAUNCH[0], "HAS_RES": True, "OutT": "bfloat16"}),
 }
 
 
@@ -232,7 +238,7 @@ def run_metal_sim(tmp_path, name, arrays, outs, tmpl, grid, tg):
     attrs = [a for a in S._METAL_ATTRS if a in S.body("metal", name)]
     args += [f"SIM_ATTR_{a}" for a in attrs]
     fn = f"custom_kernel_{name}"
-    inst = ", ".join(_ELT[v] if isinstance(v, str) else str(v) for v in tmpl.values())
+    inst = ", ".join(_ELT[v] if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v) for v in tmpl.values())
     lines.append(f"  sim::launch({grid[0]}, {grid[1]}, {tg}, [&] {{ {fn}<{inst}>({', '.join(args)}); }});")
     lines += [f'  sim::write("out{i}.bin", out{i});' for i in range(len(outs))] + ["}"]
     _gxx(tmp_path, "sim", "\n".join(lines), run=True)
@@ -281,14 +287,17 @@ def test_metal_kernels_run_in_simulator(N, E, K, H, I, launch, how, tmp_path):
     assert rel_err(act, act_ref) < 1e-5
 
     w = bf16(rng.dirichlet(np.ones(K), N))
-    tmpl = {"H": H, "I": I, "K": K, "JW": jw, "WARPS": warps, "OutT": "float32"}
+    has_res = how == "random"  # the residual add fused into the down kernel, or not
+    resid = bf16(rng.normal(0, 1, (N, H)))
+    tmpl = {"H": H, "I": I, "K": K, "JW": jw, "WARPS": warps, "HAS_RES": has_res, "OutT": "float32"}
     grid = ((H + warps * jw - 1) // (warps * jw), N)
     (y,) = run_metal_sim(
         tmp_path, S.DOWN,
-        [(act.astype(np.float32), "uint32" if False else "float32"), (ids, "uint32"), (w, "bfloat16"), (np.array(dw), "uint32"), (np.array(ds), "uint8"), (dbias, "bfloat16")],
+        [(act.astype(np.float32), "float32"), (ids, "uint32"), (w, "bfloat16"), (np.array(dw), "uint32"), (np.array(ds), "uint8"),
+         (dbias, "bfloat16"), (resid if has_res else dbias, "bfloat16")],
         [((N, H), "float32")], tmpl, grid, 32 * warps,
     )  # fmt: skip
-    y_ref = ref_down(act_ref, ids, w.astype(np.float64), ddense, dbias.astype(np.float64))
+    y_ref = ref_down(act_ref, ids, w.astype(np.float64), ddense, dbias.astype(np.float64)) + (resid if has_res else 0)
     assert rel_err(y, y_ref) < 1e-5
 
 

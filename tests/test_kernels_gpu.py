@@ -32,7 +32,7 @@ def kernel_fns(launch_gu=None, launch_dn=None):
         return (
             ops.route_topk_softmax,
             lambda x, i, w, s, b: ops.mxfp4_gate_up_swiglu(x.astype(f32), i, w, s, b.astype(f32), limit=LIMIT, alpha=ALPHA),
-            lambda a, i, wt, w, s, b, out_dtype: ops.mxfp4_down_combine(a, i, wt.astype(f32), w, s, b.astype(f32), out_dtype=out_dtype),
+            lambda a, i, wt, w, s, b, r=None, *, out_dtype: ops.mxfp4_down_combine(a, i, wt.astype(f32), w, s, b.astype(f32), r, out_dtype=out_dtype),
         )
     return (
         partial(gpu.route_topk_softmax, dialect=BACKEND),
@@ -96,6 +96,9 @@ def test_moe_kernels_match_twins(experts, N, how, lg, ld, dtype):
     y_t = ops.mxfp4_down_combine(act_t, ids, w.astype(mx.float32), dw, ds, db.astype(mx.float32), out_dtype=mx.float32)
     assert y.dtype == dtype and y.shape == (N, H)
     assert rel(y, y_t) < (1e-2 if dtype == mx.bfloat16 else 2e-5)
+    resid = mx.array(rng.normal(0, 1, (N, H)).astype(np.float32)).astype(dtype)  # the fused residual add
+    y = down(act, ids, w, dw, ds, db, resid, out_dtype=dtype)
+    assert rel(y, y_t + resid.astype(mx.float32)) < (1e-2 if dtype == mx.bfloat16 else 2e-5)
 
 
 def test_gate_up_matches_naive_reference(experts):
@@ -159,5 +162,8 @@ def test_full_model_logits_kernels_vs_twins(tmp_path):
             kernels.set_mode("auto")
 
     ours, twin = run("auto"), run("twin")
-    for a, b in zip(ours, twin):
-        assert np.abs(a - b).max() / np.abs(b).max() < 1e-4
+    errs = [float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(ours, twin)]
+    print("relative logit differences (prefill, 3 decode steps):", errs)
+    # float32 both, summed in different orders: an H100 run gave 1.1e-4 here (kernel-level
+    # differences stay under 2e-5); a wrong row, scale or expert moves logits by O(1)
+    assert max(errs) < 5e-4

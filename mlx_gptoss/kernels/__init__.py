@@ -19,8 +19,10 @@ from . import gpu, ops
 
 # Up to this many tokens the decode kernels run (they read each selected expert's rows once
 # per (token, expert) pair); beyond, sorted gather_qmm reads each expert once. Measured with
-# benchmarks/bench_moe.py (see benchmarks/RESULTS.md).
-DECODE_MAX_TOKENS = 8
+# benchmarks/bench_moe.py on an H100 (benchmarks/RESULTS.md): one 20b MoE layer at T = 16 took
+# 429 us with the kernels and 786 us with gather_qmm; at T = 128, 3029 us and 2475 us. Linear
+# in T between those points they cross near T = 60; 32 keeps a margin.
+DECODE_MAX_TOKENS = 32
 
 _MODES = ("auto", "twin")
 _mode = os.environ.get("MLX_GPTOSS_KERNELS", "auto")
@@ -69,17 +71,20 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 
 
-def moe_mxfp4_swiglu(x: mx.array, indices: mx.array, weights: mx.array, *args: mx.array, limit: float, alpha: float) -> mx.array:
-    """Σ_k weight_k · expert_k(x) for MXFP4 experts; see :func:`.ops.moe_mxfp4_swiglu`."""
+def moe_mxfp4_swiglu(
+    x: mx.array, indices: mx.array, weights: mx.array, *args: mx.array, limit: float, alpha: float, residual: mx.array | None = None
+) -> mx.array:
+    """Σ_k weight_k · expert_k(x) (+ residual) for MXFP4 experts; see :func:`.ops.moe_mxfp4_swiglu`."""
     b = backend()
     if b != "twin" and x.shape[0] <= DECODE_MAX_TOKENS:
         gw, gs, gb, dw, ds, db = args
         act = gpu.mxfp4_gate_up_swiglu(x, indices, gw, gs, gb, limit=limit, alpha=alpha, dialect=b)
-        return gpu.mxfp4_down_combine(act, indices, weights, dw, ds, db, out_dtype=x.dtype, dialect=b)
+        return gpu.mxfp4_down_combine(act, indices, weights, dw, ds, db, residual, out_dtype=x.dtype, dialect=b)
     if _on_cpu() and x.dtype != mx.float32:
-        y = ops.moe_mxfp4_swiglu(x.astype(mx.float32), indices, weights, *args, limit=limit, alpha=alpha)
-        return y.astype(x.dtype)
-    return ops.moe_mxfp4_swiglu(x, indices, weights, *args, limit=limit, alpha=alpha)
+        y = ops.moe_mxfp4_swiglu(x.astype(mx.float32), indices, weights, *args, limit=limit, alpha=alpha).astype(x.dtype)
+    else:
+        y = ops.moe_mxfp4_swiglu(x, indices, weights, *args, limit=limit, alpha=alpha)
+    return y if residual is None else residual + y
 
 
 def moe_mxfp4_pairs(x: mx.array, indices: mx.array, *args: mx.array, limit: float, alpha: float) -> mx.array:

@@ -13,9 +13,11 @@ import mlx.core as mx
 from . import source as S
 
 # Launch shapes: warps per threadgroup and output columns (gate_up) / rows (down) per warp.
-# Defaults from benchmarks/bench_moe.py on an H100; tuned() overrides them for sweeps.
+# Chosen by benchmarks/bench_moe.py --sweep on an H100 (2026-11-27, benchmarks/results/): at T = 1
+# gate_up took 26.9-29.0 us for every shape but (4, 8) (72.8 us), down 21.4 us at (4, 4) against
+# 26.6-37.2 us for the others.
 GATE_UP_LAUNCH = (4, 4)  # (WARPS, JW)
-DOWN_LAUNCH = (4, 2)
+DOWN_LAUNCH = (4, 4)
 
 
 @lru_cache(maxsize=None)
@@ -62,15 +64,15 @@ def mxfp4_gate_up_swiglu(x, indices, w, s, b, *, limit: float, alpha: float, dia
     )[0]
 
 
-def mxfp4_down_combine(act, indices, weights, w, s, b, *, out_dtype, dialect: str, launch=None) -> mx.array:
-    """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k), [N, H]."""
+def mxfp4_down_combine(act, indices, weights, w, s, b, residual=None, *, out_dtype, dialect: str, launch=None) -> mx.array:
+    """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k) (+ residual), [N, H]."""
     N, K, I = act.shape
     H = w.shape[1]
     warps, jw = launch or DOWN_LAUNCH
     per_group = warps * jw
     return _kernel(dialect, S.DOWN)(
-        inputs=[act, indices, weights, w, s, b],
-        template=[("H", H), ("I", I), ("K", K), ("JW", jw), ("WARPS", warps), ("OutT", out_dtype)],
+        inputs=[act, indices, weights, w, s, b, residual if residual is not None else b],  # b: a placeholder, unread
+        template=[("H", H), ("I", I), ("K", K), ("JW", jw), ("WARPS", warps), ("HAS_RES", residual is not None), ("OutT", out_dtype)],
         grid=(32 * warps * ((H + per_group - 1) // per_group), N, 1),
         threadgroup=(32 * warps, 1, 1),
         output_shapes=[(N, H)],

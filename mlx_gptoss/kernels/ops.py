@@ -73,11 +73,13 @@ def mxfp4_gate_up_swiglu(
 
 
 def mxfp4_down_combine(
-    act: mx.array, indices: mx.array, weights: mx.array, w: mx.array, s: mx.array, b: mx.array, *, out_dtype: mx.Dtype
+    act: mx.array, indices: mx.array, weights: mx.array, w: mx.array, s: mx.array, b: mx.array,
+    residual: mx.array | None = None, *, out_dtype: mx.Dtype,
 ) -> mx.array:
-    """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k), [N, H]."""
+    """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k) (+ residual), [N, H]."""
     y = _mxfp4(act[:, :, None, :], w, s, indices, False).squeeze(2) + b[indices]  # [N, K, H]
-    return combine_experts(y, weights.astype(mx.float32)).astype(out_dtype)
+    y = combine_experts(y, weights.astype(mx.float32))
+    return (y if residual is None else y + residual.astype(mx.float32)).astype(out_dtype)
 
 
 def combine_experts(y: mx.array, weights: mx.array) -> mx.array:

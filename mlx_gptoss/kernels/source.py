@@ -139,7 +139,8 @@ _GATE_UP_BODY = r"""
   }
 """
 
-# act [N, K, I] (float32), indices/weights [N, K] -> y [N, H] = sum_k weight_k (down_e act_k + b_e).
+# act [N, K, I] (float32), indices/weights [N, K] -> y [N, H] = sum_k weight_k (down_e act_k + b_e),
+# plus resid [N, H] when HAS_RES (the block's residual add, saving a launch; else resid is unused).
 # Grid: y = token, x = blocks of WARPS warps, each warp JW output rows for all K experts; act of
 # one expert at a time sits in shared memory (I floats; Metal allows 32 KB of it).
 _DOWN_BODY = r"""
@@ -181,7 +182,7 @@ _DOWN_BODY = r"""
   for (int r = 0; r < JW; ++r) acc[r] = gx_simd_sum(acc[r]);
   if (gx_lane == 0) {
     for (int r = 0; r < JW; ++r) {
-      if (h0 + r < (uint32_t)H) y[n * H + h0 + r] = OutT(acc[r]);
+      if (h0 + r < (uint32_t)H) y[n * H + h0 + r] = OutT(HAS_RES ? acc[r] + float(resid[n * H + h0 + r]) : acc[r]);
     }
   }
 """
@@ -283,7 +284,7 @@ class KernelSpec:
 SPECS = {
     ROUTE: KernelSpec(ROUTE, ("logits",), ("indices", "weights"), _ROUTE_BODY),
     GATE_UP: KernelSpec(GATE_UP, ("x", "indices", "w", "s", "bias"), ("act",), _GATE_UP_BODY),
-    DOWN: KernelSpec(DOWN, ("act", "indices", "weights", "w", "s", "bias"), ("y",), _DOWN_BODY),
+    DOWN: KernelSpec(DOWN, ("act", "indices", "weights", "w", "s", "bias", "resid"), ("y",), _DOWN_BODY),
 }
 
 
@@ -329,7 +330,9 @@ def generated_source(dialect: str, name: str, in_types: list[str], out_types: li
         params = [f"    const {types[t]}* {n}" for n, t in zip(spec.inputs, in_types)]
         params += [f"    {types[t]}* {n}" for n, t in zip(spec.outputs, out_types)]
         consts = "".join(
-            f"  using {k} = {types[v]};\n" if isinstance(v, str) else f"  constexpr int {k} = {v};\n" for k, v in template.items()
+            f"  using {k} = {types[v]};\n" if isinstance(v, str)
+            else f"  constexpr bool {k} = {str(v).lower()};\n" if isinstance(v, bool) else f"  constexpr int {k} = {v};\n"
+            for k, v in template.items()
         )
         return (
             hdr + "namespace mlx::core::cu {\n\n" + f"__global__ void custom_kernel_{name}(\n" + ",\n".join(params) + ") {\n"
@@ -338,8 +341,8 @@ def generated_source(dialect: str, name: str, in_types: list[str], out_types: li
     params = [f"  const device {types[t]}* {n} [[buffer({i})]]" for i, (n, t) in enumerate(zip(spec.inputs, in_types))]
     params += [f"  device {types[t]}* {n} [[buffer({len(spec.inputs) + i})]]" for i, (n, t) in enumerate(zip(spec.outputs, out_types))]
     params += [f"  {ty} {a} [[{a}]]" for a, ty in _METAL_ATTRS.items() if a in src]
-    targs = ", ".join(("typename " if isinstance(v, str) else "int ") + k for k, v in template.items())
-    inst = ", ".join(types[v] if isinstance(v, str) else str(v) for v in template.values())
+    targs = ", ".join(("typename " if isinstance(v, str) else "bool " if isinstance(v, bool) else "int ") + k for k, v in template.items())
+    inst = ", ".join(types[v] if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v) for v in template.values())
     fn = f"custom_kernel_{name}"
     return (
         hdr + f"template <{targs}>\n[[kernel]] void {fn}(\n" + ",\n".join(params) + ") {\n" + src + "\n}\n"
