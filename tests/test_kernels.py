@@ -238,7 +238,7 @@ def run_metal_sim(tmp_path, name, arrays, outs, tmpl, grid, tg):
     attrs = [a for a in S._METAL_ATTRS if a in S.body("metal", name)]
     args += [f"SIM_ATTR_{a}" for a in attrs]
     fn = f"custom_kernel_{name}"
-    inst = ", ".join(_ELT[v] if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v) for v in tmpl.values())
+    inst = ", ".join(_ELT[v] if isinstance(v, str) else str(int(v)) if isinstance(v, bool) else str(v) for v in tmpl.values())
     lines.append(f"  sim::launch({grid[0]}, {grid[1]}, {tg}, [&] {{ {fn}<{inst}>({', '.join(args)}); }});")
     lines += [f'  sim::write("out{i}.bin", out{i});' for i in range(len(outs))] + ["}"]
     _gxx(tmp_path, "sim", "\n".join(lines), run=True)

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 ROUTE, GATE_UP, DOWN = "gx_route_topk", "gx_mxfp4_gate_up_swiglu", "gx_mxfp4_down_combine"
 
 _COMMON_HELPERS = r"""
+// "Minus infinity" for the top-k search: the lowest finite float, since Metal compiles with
+// fast math (which may assume no infinities).
+#define GX_NEG_INF (-3.40282347e38f)
 // E2M1 pair (elements e, e+4 of a word) -> half2 bit pattern; value = half * 2^14.
 #define GX_PAIR(q, l1, l2) ((((q) << (l1)) & 0x0E000E00u) | (((q) << (l2)) & 0x80008000u))
 #define GX_PAIR_R(q) ((((q) >> 3) & 0x0E000E00u) | ((q) & 0x80008000u))
@@ -210,7 +213,6 @@ _METAL_HEADER = r"""
 #define GX_MIN(a, b) min(a, b)
 #define GX_MAX(a, b) max(a, b)
 #define GX_EXP(v) metal::exp(v)
-#define GX_NEG_INF (-INFINITY)
 GX_INLINE float2 gx_h2f2(uint32_t u) { return float2(as_type<half2>(u)); }
 GX_INLINE float gx_simd_sum(float v) { return simd_sum(v); }
 GX_INLINE float gx_simd_max(float v) { return simd_max(v); }
@@ -238,7 +240,6 @@ _CUDA_HEADER = r"""
 #define GX_MIN(a, b) fminf(a, b)
 #define GX_MAX(a, b) fmaxf(a, b)
 #define GX_EXP(v) expf(v)
-#define GX_NEG_INF __int_as_float(0xff800000)
 GX_INLINE float2 gx_h2f2(uint32_t u) { return __half22float2(*reinterpret_cast<const __half2*>(&u)); }
 GX_INLINE float gx_simd_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -342,7 +343,8 @@ def generated_source(dialect: str, name: str, in_types: list[str], out_types: li
     params += [f"  device {types[t]}* {n} [[buffer({len(spec.inputs) + i})]]" for i, (n, t) in enumerate(zip(spec.outputs, out_types))]
     params += [f"  {ty} {a} [[{a}]]" for a, ty in _METAL_ATTRS.items() if a in src]
     targs = ", ".join(("typename " if isinstance(v, str) else "bool " if isinstance(v, bool) else "int ") + k for k, v in template.items())
-    inst = ", ".join(types[v] if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v) for v in template.values())
+    # MLX writes bool template values as 1/0 when it instantiates a Metal kernel
+    inst = ", ".join(types[v] if isinstance(v, str) else str(int(v)) if isinstance(v, bool) else str(v) for v in template.values())
     fn = f"custom_kernel_{name}"
     return (
         hdr + f"template <{targs}>\n[[kernel]] void {fn}(\n" + ",\n".join(params) + ") {\n" + src + "\n}\n"
