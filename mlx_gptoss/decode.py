@@ -11,9 +11,11 @@ tokens asked for up front, so a generation compiles once).
 
 Used by :meth:`GptOss.__call__` for one-token calls when :func:`enabled` and the model is the
 plain in-memory one (a streamed or host-embedding model keeps the eager path: its Python-side
-expert cache cannot be traced). ``MLX_GPTOSS_COMPILE=1``/``0`` forces it on/off; by default it
-is on where it measured faster: on MLX's CPU backend. On an H100 (CUDA) the eager step decoded
-the 20b at 148 tok/s and the compiled one at 125 (benchmarks/RESULTS.md), so GPUs stay eager.
+expert cache cannot be traced). It is off unless ``MLX_GPTOSS_COMPILE=1`` (or
+:func:`set_enabled`): it measured slower wherever it was measured (benchmarks/RESULTS.md): the
+20b decoded at 125 tok/s compiled vs 148 eager on an H100, and 0.294 vs 0.318 tok/s on the
+2-core CPU. It stays as an option for machines where building the graph in Python is the
+bottleneck (``benchmarks/bench_e2e.py --engines mlx-gptoss,mlx-gptoss:compile`` tells).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import mlx.core as mx
 from .cache import KVCache, SlidingKVCache
 from .config import SLIDING
 
-_env = os.environ.get("MLX_GPTOSS_COMPILE", "auto")
-if _env not in ("auto", "0", "1"):
-    raise ValueError(f"MLX_GPTOSS_COMPILE must be auto, 0 or 1, got {_env!r}")
-_setting: bool | None = None if _env == "auto" else _env == "1"
+_env = os.environ.get("MLX_GPTOSS_COMPILE", "0")
+if _env not in ("0", "1"):
+    raise ValueError(f"MLX_GPTOSS_COMPILE must be 0 or 1, got {_env!r}")
+_setting: bool | None = None if _env == "0" else True
 
 
 def set_enabled(on: bool | None) -> None:
@@ -39,8 +41,8 @@ def set_enabled(on: bool | None) -> None:
 
 
 def enabled() -> bool:
-    """Whether one-token calls go through the compiled step (default: on the CPU backend only)."""
-    return _setting if _setting is not None else mx.default_device() == mx.cpu
+    """Whether one-token calls go through the compiled step (default: no)."""
+    return bool(_setting)
 
 
 class CompiledDecode:

@@ -68,3 +68,16 @@ def test_compiled_decode_after_trim_and_restore(tiny_model_dir, counted):
     assert counted
     ref = run(False)
     assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_env_var_turns_it_on():
+    import os
+    import subprocess
+    import sys
+
+    code = "from mlx_gptoss import decode; print(decode.enabled())"
+    run = lambda v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_COMPILE": v}, capture_output=True, text=True)  # noqa: E731
+    assert run("1").stdout.strip() == "True"
+    assert run("0").stdout.strip() == "False"
+    bad = run("yes")
+    assert bad.returncode != 0 and "MLX_GPTOSS_COMPILE" in bad.stderr
