@@ -137,7 +137,8 @@ _GATE_UP_BODY = r"""
       float up = acc[2 * c + 1] + float(bias[row0 + 2 * c + 1]);
       gate = GX_MIN(gate, GX_LIMIT);
       up = GX_MAX(GX_MIN(up, GX_LIMIT), -GX_LIMIT);
-      act[p * I + j] = (up + 1.0f) * (gate / (1.0f + GX_EXP(-GX_ALPHA * gate)));
+      // exponent capped at 80: exp stays finite under fast math (the product is ~1e-33 there)
+      act[p * I + j] = (up + 1.0f) * (gate / (1.0f + GX_EXP(GX_MIN(-GX_ALPHA * gate, 80.0f))));
     }
   }
 """
