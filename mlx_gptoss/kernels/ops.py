@@ -58,18 +58,26 @@ def moe_mxfp4_pairs(
         h = _mxfp4(xs, gate_up_w, gate_up_s, ids, True) + gate_up_b[ids][:, None, :]
         y = _mxfp4(swiglu_clamped(h, limit, alpha), down_w, down_s, ids, True) + down_b[ids][:, None, :]
         return y[mx.argsort(order)].reshape(N, K, -1)
-    h = _mxfp4(x[:, None, None, :], gate_up_w, gate_up_s, indices, False)  # [N, K, 1, 2I]
-    h = h.squeeze(2) + gate_up_b[indices]
-    y = _mxfp4(swiglu_clamped(h, limit, alpha)[:, :, None, :], down_w, down_s, indices, False)
-    return y.squeeze(2) + down_b[indices]
+    act = _gate_up(x, indices, gate_up_w, gate_up_s, gate_up_b, limit, alpha)
+    return _down(act, indices, down_w, down_s, down_b)
+
+
+def _gate_up(x, indices, w, s, b, limit: float, alpha: float) -> mx.array:
+    """Unsorted path: x [N, H] -> each selected expert's SwiGLU activation [N, K, I] (x's dtype)."""
+    h = _mxfp4(x[:, None, None, :], w, s, indices, False).squeeze(2) + b[indices]  # [N, K, 2I]
+    return swiglu_clamped(h, limit, alpha)
+
+
+def _down(act, indices, w, s, b) -> mx.array:
+    """Unsorted path: act [N, K, I] -> each selected expert's output [N, K, H], unweighted."""
+    return _mxfp4(act[:, :, None, :], w, s, indices, False).squeeze(2) + b[indices]
 
 
 def mxfp4_gate_up_swiglu(
     x: mx.array, indices: mx.array, w: mx.array, s: mx.array, b: mx.array, *, limit: float, alpha: float
 ) -> mx.array:
     """x [N, H], indices [N, K] -> clamped SwiGLU of each selected expert's gate_up, [N, K, I] float32."""
-    h = _mxfp4(x[:, None, None, :], w, s, indices, False).squeeze(2) + b[indices]  # [N, K, 2I]
-    return swiglu_clamped(h, limit, alpha).astype(mx.float32)
+    return _gate_up(x, indices, w, s, b, limit, alpha).astype(mx.float32)
 
 
 def mxfp4_down_combine(
@@ -77,8 +85,7 @@ def mxfp4_down_combine(
     residual: mx.array | None = None, *, out_dtype: mx.Dtype,
 ) -> mx.array:
     """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k) (+ residual), [N, H]."""
-    y = _mxfp4(act[:, :, None, :], w, s, indices, False).squeeze(2) + b[indices]  # [N, K, H]
-    y = combine_experts(y, weights.astype(mx.float32))
+    y = combine_experts(_down(act, indices, w, s, b), weights.astype(mx.float32))
     return (y if residual is None else y + residual.astype(mx.float32)).astype(out_dtype)
 
 
