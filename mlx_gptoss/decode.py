@@ -31,18 +31,19 @@ from .config import SLIDING
 _env = os.environ.get("MLX_GPTOSS_COMPILE", "0")
 if _env not in ("0", "1"):
     raise ValueError(f"MLX_GPTOSS_COMPILE must be 0 or 1, got {_env!r}")
-_setting: bool | None = None if _env == "0" else True
+_DEFAULT = _env == "1"
+_enabled = _DEFAULT
 
 
 def set_enabled(on: bool | None) -> None:
-    """Force the compiled decode step on or off (for every model); None: the default."""
-    global _setting
-    _setting = on
+    """Turn the compiled decode step on or off (for every model); None: back to MLX_GPTOSS_COMPILE's."""
+    global _enabled
+    _enabled = _DEFAULT if on is None else bool(on)
 
 
 def enabled() -> bool:
     """Whether one-token calls go through the compiled step (default: no)."""
-    return bool(_setting)
+    return _enabled
 
 
 class CompiledDecode:
