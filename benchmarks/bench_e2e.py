@@ -32,9 +32,7 @@ def _load(engine: str, path: str):
 
     if engine.startswith("mlx-gptoss"):
         import mlx_gptoss
-        from mlx_gptoss import kernels
-
-        from mlx_gptoss import decode
+        from mlx_gptoss import decode, kernels
 
         # options after ':' — "twin": the pure-MLX twins instead of the custom kernels;
         # "eager"/"compile": force the compiled decode step off/on (default: mlx_gptoss.decode's)
@@ -120,9 +118,7 @@ def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_t
     out["peak_rss_gb"] = peak_rss_gb()
     out["device"] = str(mx.default_device())
     if engine.startswith("mlx-gptoss"):
-        from mlx_gptoss import kernels
-
-        from mlx_gptoss import decode
+        from mlx_gptoss import decode, kernels
 
         out["kernels"], out["compiled_decode"] = kernels.backend(), decode.enabled()
     return out

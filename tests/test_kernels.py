@@ -219,7 +219,6 @@ _ELT = {"float32": "float", "uint32": "uint32_t", "uint8": "uint8_t", "bfloat16"
 def run_metal_sim(tmp_path, name, arrays, outs, tmpl, grid, tg):
     """Compile the Metal rendering with the simulator and run it; arrays: list of (np array,
     mlx dtype name); outs: list of (shape, dtype name). Returns the outputs as float64 arrays."""
-    spec = S.SPECS[name]
     ins = [t for _, t in arrays]
     src = S.generated_source("metal", name, ins, [t for _, t in outs], tmpl)
     src = src.replace("#define GX_SHARED threadgroup", "#define GX_SHARED static")  # group-shared in the simulator
@@ -251,7 +250,6 @@ def run_metal_sim(tmp_path, name, arrays, outs, tmpl, grid, tg):
         if t == "bfloat16":
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         res.append(raw.reshape(shape).astype(np.float64))
-    del spec
     return res
 
 
