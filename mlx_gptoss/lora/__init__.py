@@ -1,0 +1,38 @@
+"""LoRA fine-tuning for gpt-oss: adapters on attention, router and experts; harmony data; training.
+
+The package uses the core without reaching into it; the core offers one seam for it: an MoE
+layer's optional ``experts_lora`` child, whose low-rank update the kernels dispatcher applies to
+the routed experts only. Attention and router adapters wrap the existing linear layers.
+
+Contract between the modules of this package (each module owns its part):
+
+``data.py`` — JSON lines -> harmony token ids with loss masks, rendered exactly as inference
+renders (:class:`mlx_gptoss.chat.ChatSession`)::
+
+    ds = load_dataset(path, encoding, train_on="final"|"assistant", max_seq_len=2048,
+                      overflow="skip"|"truncate")
+    ds.examples: list[Example]   # Example(ids: list[int], targets: list[bool], line: int)
+    ds.skipped:  list[Skipped]   # Skipped(line: int, reason: str)
+    # targets[i] is True when ids[i] is a trained token (predicted from ids[:i]); targets[0] False.
+    # Malformed lines raise DataError("FILE:LINE: field ...: what is wrong") before training.
+
+``adapters.py`` — the adapter modules and their placement::
+
+    spec = LoRASpec(rank=8, alpha=16.0, targets=("attention", "experts"), layers=None|[ints],
+                    rslora=False, dropout=0.0)
+    apply_lora(model, spec) -> None        # freezes the base, adds zero-B adapters (A random)
+    remove_lora(model) -> None             # back to the plain base model
+    lora_parameters(model) -> dict[str, mx.array]   # flat "layers.3.self_attn.q_proj.lora_a" -> array
+    Key names (ours): layers.{i}.self_attn.{q_proj,k_proj,v_proj,o_proj}.{lora_a [r, in], lora_b [out, r]},
+    layers.{i}.mlp.router.{lora_a, lora_b}, layers.{i}.mlp.experts_lora.{gate_up,down}.{lora_a [E, r, in],
+    lora_b [E, out, r]}; gate_up rows keep the released interleaving (2j gate j, 2j+1 up j).
+
+``io.py`` — our adapter folder: ``adapters.safetensors`` + ``adapter_config.json`` (format,
+version, the LoRASpec, and the base model's fingerprint; an adapter for another base is refused)::
+
+    save_adapter(model, spec, dst, *, base_fingerprint) / load_adapter(model, src) -> LoRASpec
+    (PEFT and mlx-lm folders are recognised and read too: ``formats.py``.)
+
+``train.py`` — the training loop (``TrainConfig``, ``train(model, train_ds, valid_ds, cfg,
+on_progress=None, cancel=None) -> TrainResult``), resumable checkpoints, metrics as JSON lines.
+"""
