@@ -27,6 +27,11 @@ class YarnScaling:
     original_max_position_embeddings: int = 4096
     truncate: bool = False
 
+    def __post_init__(self) -> None:
+        for k in ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings"):
+            if not _positive(getattr(self, k)):
+                raise ConfigError(f"rope_scaling.{k} must be a positive number, found {getattr(self, k)!r}")
+
     @property
     def attention_factor(self) -> float:
         """YaRN's "concentration": multiplies both cos and sin."""
@@ -35,6 +40,7 @@ class YarnScaling:
 
 QUANT_COMPONENTS = ("attention", "lm_head", "embed_tokens")
 QUANT_MODES = {"affine": (4, 6, 8), "mxfp8": (8,)}
+AFFINE_GROUPS = (32, 64, 128)  # what MLX's affine quantization supports
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class QuantSpec:
             raise ConfigError(f"unsupported quantization {self.mode} {self.bits}-bit (supported: {QUANT_MODES})")
         if self.mode == "mxfp8" and self.group_size != 32:
             raise ConfigError("mxfp8 uses groups of 32")
+        if self.mode == "affine" and self.group_size not in AFFINE_GROUPS:
+            raise ConfigError(f"affine quantization uses groups of {AFFINE_GROUPS}, not {self.group_size}")
 
     @classmethod
     def parse(cls, text: str) -> "QuantSpec | None":
@@ -116,6 +124,12 @@ class GptOssConfig:
     )
 
     def __post_init__(self) -> None:
+        bad = [f"{k} must be an integer >= 1, found {getattr(self, k)!r}" for k in _INT_FIELDS
+               if not (type(getattr(self, k)) is int and getattr(self, k) >= 1)]  # fmt: skip
+        bad += [f"{k} must be a positive finite number, found {getattr(self, k)!r}" for k in _FLOAT_FIELDS
+                if not _positive(getattr(self, k))]  # fmt: skip
+        if bad:  # the checks below divide by these
+            raise ConfigError("invalid gpt-oss config: " + "; ".join(bad))
         if not self.layer_types:
             # Released default: sliding first, then alternating.
             types = tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.num_hidden_layers))
@@ -142,16 +156,25 @@ class GptOssConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> "GptOssConfig":
-        """Build from a Hugging Face style gpt-oss config dict (as in the released config.json)."""
+        """Build from a Hugging Face style gpt-oss config dict (as in the released config.json).
+
+        Every known key is checked for its JSON type and range, and the nested ``rope_scaling``
+        (or ``rope_parameters``), ``quantization`` and ``mlx_gptoss`` blocks for unknown keys;
+        unknown top-level keys are ignored. Raises :class:`ConfigError` naming ``source`` and
+        the field.
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, found {_kind(d)}")
         model_type = d.get("model_type", "gpt_oss")
         if model_type != "gpt_oss":
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported (expected 'gpt_oss')")
         missing = [k for k in cls.REQUIRED if k not in d]
         if missing:
             raise ConfigError(f"{source}: missing required key(s) {', '.join(missing)}")
+        _check_types(d, source)
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
+        kw.setdefault("head_dim", d["hidden_size"] // max(d["num_attention_heads"], 1))
         if "num_experts_per_tok" not in d and "experts_per_token" in d:
             kw["num_experts_per_tok"] = d["experts_per_token"]
         if "layer_types" in kw and kw["layer_types"] is not None:
@@ -164,47 +187,38 @@ class GptOssConfig:
         rope = d.get("rope_scaling") or d.get("rope_parameters")
         if rope and "rope_theta" in rope and "rope_theta" not in d:
             kw["rope_theta"] = rope["rope_theta"]
-        kw["rope_scaling"] = cls._yarn_from_dict(rope, source)
-        quant = d.get("quantization") or {}
-        if not isinstance(quant, Mapping):
-            raise ConfigError(f"{source}: 'quantization' must be a mapping of component -> spec")
-        kw["quantization"] = tuple(sorted((c, QuantSpec(**spec)) for c, spec in quant.items()))
-        for k in ("rope_theta", "rms_norm_eps", "swiglu_limit", "swiglu_alpha"):
+        for k in _FLOAT_FIELDS:
             if k in kw:
                 kw[k] = float(kw[k])
         try:
+            kw["rope_scaling"] = cls._yarn_from_dict(rope)
+            kw["quantization"] = tuple(sorted(_quant_spec(c, spec) for c, spec in (d.get("quantization") or {}).items()))
             return cls(**kw)
-        except TypeError as e:
+        except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @staticmethod
-    def _yarn_from_dict(rope: Mapping[str, Any] | None, source: str) -> YarnScaling | None:
+    def _yarn_from_dict(rope: Mapping[str, Any] | None) -> YarnScaling | None:
         if not rope:
             return None
         kind = rope.get("rope_type", rope.get("type", "yarn"))
         if kind == "default":
             return None
         if kind != "yarn":
-            raise ConfigError(f"{source}: rope_scaling.rope_type {kind!r} is not supported (gpt-oss uses 'yarn')")
+            raise ConfigError(f"rope_scaling.rope_type {kind!r} is not supported (gpt-oss uses 'yarn')")
         return YarnScaling(
             factor=float(rope.get("factor", 32.0)),
             beta_fast=float(rope.get("beta_fast", 32.0)),
             beta_slow=float(rope.get("beta_slow", 1.0)),
-            original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 4096)),
+            original_max_position_embeddings=rope.get("original_max_position_embeddings", 4096),
             # transformers' default is to truncate; gpt-oss's released config says false.
-            truncate=bool(rope.get("truncate", True)),
+            truncate=rope.get("truncate", True),
         )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "GptOssConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        """Read and check a config.json (see :meth:`from_dict`); errors name the file."""
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """A Hugging Face style dict that :meth:`from_dict` reads back unchanged."""
@@ -256,6 +270,101 @@ class GptOssConfig:
     @property
     def qkv_dim(self) -> int:
         return (self.num_attention_heads + 2 * self.num_key_value_heads) * self.head_dim
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in ``path`` (UTF-8); a missing or unreadable file is a :class:`ConfigError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+_INT_FIELDS = ("num_hidden_layers", "num_local_experts", "vocab_size", "hidden_size", "intermediate_size", "head_dim",
+               "num_attention_heads", "num_key_value_heads", "num_experts_per_tok", "sliding_window",
+               "max_position_embeddings")  # fmt: skip
+_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "swiglu_limit", "swiglu_alpha")
+# The JSON type of each key of the nested blocks; any other key there is an error.
+_BLOCKS: dict[str, dict[str, str]] = {
+    "rope_scaling": {"rope_type": "str", "type": "str", "factor": "number", "beta_fast": "number", "beta_slow": "number",
+                     "original_max_position_embeddings": "int", "truncate": "bool", "rope_theta": "number"},
+    "quantization.*": {"mode": "str", "bits": "int", "group_size": "int"},
+    "mlx_gptoss": {"format": "str", "format_version": "int", "converter_version": "str", "source": "str",
+                   "source_layout": "str", "experts": "str"},
+}  # fmt: skip
+_KINDS = {
+    "int": lambda v: type(v) is int,  # bool is an int subclass: excluded on purpose
+    "number": lambda v: type(v) in (int, float) and math.isfinite(v),
+    "str": lambda v: isinstance(v, str),
+    "bool": lambda v: type(v) is bool,
+}
+
+
+def _positive(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and v > 0
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(type(v), repr(v))
+
+
+def _expect(v: Any, kind: str, where: str) -> None:
+    if not _KINDS[kind](v):
+        what = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false"}[kind]
+        raise ConfigError(f"{where} must be {what}, found {_kind(v) if not isinstance(v, (int, float)) else repr(v)}")
+
+
+def _check_block(block: Any, schema: str, where: str) -> None:
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where} must be an object, found {_kind(block)}")
+    keys = _BLOCKS[schema]
+    for k, v in block.items():
+        if k not in keys:
+            raise ConfigError(f"{where}: unknown key {k!r} (known: {', '.join(keys)})")
+        _expect(v, keys[k], f"{where}.{k}")
+
+
+def _check_types(d: Mapping[str, Any], source: str) -> None:
+    """The JSON type of every known key (ranges and consistency are checked by the dataclasses)."""
+    for k in (*_INT_FIELDS, "experts_per_token"):
+        if k in d:
+            _expect(d[k], "int", f"{source}: {k}")
+    for k in _FLOAT_FIELDS:
+        if k in d:
+            _expect(d[k], "number", f"{source}: {k}")
+    if d.get("layer_types") is not None:
+        lt = d["layer_types"]
+        if not isinstance(lt, list) or not all(isinstance(t, str) for t in lt):
+            raise ConfigError(f"{source}: layer_types must be a list of {SLIDING!r} / {FULL!r}, found {lt!r}")
+    for k in ("eos_token_id", "pad_token_id"):
+        v = d.get(k)
+        ids = v if isinstance(v, list) and k == "eos_token_id" else [v]
+        if v is not None and (not ids or not all(type(i) is int and i >= 0 for i in ids)):
+            raise ConfigError(f"{source}: {k} must be a token id" + (" or a list of them" if k == "eos_token_id" else "")
+                              + f", found {v!r}")  # fmt: skip
+    for k in ("rope_scaling", "rope_parameters"):
+        if d.get(k) is not None:
+            _check_block(d[k], "rope_scaling", f"{source}: {k}")
+    quant = d.get("quantization")
+    if quant is not None:
+        if not isinstance(quant, Mapping):
+            raise ConfigError(f"{source}: quantization must be an object of component -> spec, found {_kind(quant)}")
+        for c, spec in quant.items():
+            _check_block(spec, "quantization.*", f"{source}: quantization.{c}")
+    if d.get("mlx_gptoss") is not None:
+        _check_block(d["mlx_gptoss"], "mlx_gptoss", f"{source}: mlx_gptoss")
+
+
+def _quant_spec(component: str, spec: Mapping[str, Any]) -> tuple[str, QuantSpec]:
+    try:
+        return component, QuantSpec(**spec)
+    except ConfigError as e:
+        raise ConfigError(f"quantization.{component}: {e}") from None
 
 
 _SHAPES_20B: dict[str, Any] = dict(

@@ -43,6 +43,10 @@ def machine() -> Machine:
 
 
 def report(model_dir: Path | None, context: int = 8192) -> str:
+    """The machine's memory and, for a converted ``model_dir``, its memory plan and a verdict.
+
+    Raises ValueError subclasses (naming the file) for a folder that is not a valid converted checkpoint.
+    """
     m = machine()
     lines = [f"machine: {m.system}, {m.ram / GB:.1f} GB RAM, MLX backend {m.backend}"]
     if m.gpu_limit:
@@ -52,9 +56,18 @@ def report(model_dir: Path | None, context: int = 8192) -> str:
     lines.append(f"recommended memory budget: {budget / GB:.1f} GB (--memory-budget {budget / GB:.1f}GB)")
     if model_dir is None:
         return "\n".join(lines)
-    from .config import GptOssConfig
+    from .config import GptOssConfig, read_json
+    from .loader import LoadError, _format_check
 
-    config = GptOssConfig.from_file(model_dir / "config.json")
+    if not (model_dir / "config.json").is_file():
+        released = (model_dir / "original" / "config.json").is_file()
+        raise LoadError(f"{model_dir}: " + (f"this is a released checkpoint, not a converted one: run mlx-gptoss convert "
+                                            f"{model_dir} DST" if released else "not a converted model folder (no config.json)"))  # fmt: skip
+
+    # The loader's checks, so a released checkpoint is refused here too rather than mis-sized.
+    raw = read_json(model_dir / "config.json")
+    _format_check(model_dir, raw)
+    config = GptOssConfig.from_dict(raw, source=str(model_dir / "config.json"))
     tensors = read_tensors(model_dir)
     full = plan_memory(config, tensors, None, context=context)
     lines += ["", f"model {model_dir} ({context}-token context), everything resident:", full.table(), ""]

@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from .config import GptOssConfig
-from .safetensors_io import SafetensorsError, read_header
+from .safetensors_io import SafetensorsError, read_header, read_index
 from .tokenizer import Tokenizer
 
 FORMAT_NAME = "mlx-gptoss"
@@ -53,16 +53,24 @@ def resolve_model(path_or_repo: str | Path, *, progress: bool | None = None) -> 
     return converted
 
 
-def _format_check(path: Path, raw: dict) -> None:
-    fmt = raw.get("mlx_gptoss", {})
-    if fmt.get("format") != FORMAT_NAME:
+def _format_check(path: Path, raw: Any) -> None:
+    """Refuse a config.json that is not one written by our converter (a release, a future format)."""
+    cfg = path / "config.json"
+    if not isinstance(raw, dict):
+        raise LoadError(f"{cfg}: expected a JSON object, found {type(raw).__name__}")
+    fmt = raw.get("mlx_gptoss")
+    if not isinstance(fmt, dict) or fmt.get("format") != FORMAT_NAME:
         hint = ""
-        if "quantization_config" in raw or raw.get("model_type") == "gpt_oss" or (path / "original").is_dir():
-            hint = f": it looks like a released checkpoint; convert it first (mlx-gptoss convert {path} DST)"
-        raise LoadError(f"{path / 'config.json'}: not an mlx-gptoss checkpoint{hint}")
+        released = ("quantization_config", "experts_per_token", "num_experts")  # HF release, original/ config
+        if any(k in raw for k in released) or raw.get("model_type") == "gpt_oss" or (path / "original").is_dir():
+            hint = (
+                f": this is a released checkpoint, not a converted one: convert it first "
+                f"(mlx-gptoss convert {path} DST)"
+            )
+        raise LoadError(f"{cfg}: not an mlx-gptoss checkpoint{hint}")
     if fmt.get("format_version") != FORMAT_VERSION:
         raise LoadError(
-            f"{path / 'config.json'}: format version {fmt.get('format_version')} is not the supported "
+            f"{cfg}: format version {fmt.get('format_version')} is not the supported "
             f"{FORMAT_VERSION}; re-convert it with this version of mlx-gptoss"
         )
 
@@ -70,8 +78,12 @@ def _format_check(path: Path, raw: dict) -> None:
 def _shards(path: Path) -> list[Path]:
     index = path / INDEX
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(read_index(index).values()))
+        except SafetensorsError as e:
+            raise LoadError(str(e)) from None
         files = [path / n for n in names]
+    """The shard files of a converted checkpoint: those its index lists, else every *.safetensors."""
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise LoadError(f"{path}: missing shard(s) {', '.join(missing)} listed in {INDEX}")

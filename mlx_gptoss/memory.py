@@ -130,6 +130,10 @@ def plan_memory(
         cat = _category(info.name)
         sizes[cat] = sizes.get(cat, 0) + _loaded_bytes(info, float_bytes)
     L, E = config.num_hidden_layers, config.num_local_experts
+    if not sizes.get("experts"):
+        # A released checkpoint's experts have other names: sizing it would claim they take nothing.
+        raise BudgetError("no expert tensors (layers.N.mlp.gate_up.*) in this checkpoint: is it a converted one? "
+                          "Run mlx-gptoss convert SRC DST first")  # fmt: skip
     expert_bytes = sizes.get("experts", 0) // (L * E)
     kv = kv_cache_bytes(config, context, float_bytes)
     plan = MemoryPlan(budget, context, n_experts=E, expert_bytes=expert_bytes, expert_slots=E)
@@ -180,10 +184,14 @@ def budget_for_slots(config: GptOssConfig, tensors: dict[str, TensorInfo], slots
 
 
 def read_tensors(path: Path) -> dict[str, TensorInfo]:
-    """Headers of every shard of a converted checkpoint."""
-    from .safetensors_io import read_header
+    """Headers of every shard of a converted checkpoint (the shards its index lists, as the loader reads)."""
+    from .loader import LoadError, _shards
+    from .safetensors_io import SafetensorsError, read_header
 
     out: dict[str, TensorInfo] = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        out.update(read_header(f)[0])
+    for f in _shards(Path(path)):
+        try:
+            out.update(read_header(f)[0])
+        except SafetensorsError as e:
+            raise LoadError(str(e)) from None
     return out

@@ -10,6 +10,7 @@ needs every tensor in memory at once).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +72,16 @@ class TensorInfo:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse a safetensors header and check it against the file's size.
+    """Parse a safetensors header and check it completely against the format and the file's size.
 
-    Returns ({name: TensorInfo}, metadata). Raises :class:`SafetensorsError` naming the file for a
-    missing, truncated or malformed file.
+    The checks are those of the format (and of the reference ``safetensors`` library): a UTF-8
+    JSON object; each entry an object with a known dtype, a shape of non-negative integers and
+    integer ``data_offsets`` whose length is dtype x shape; the byte ranges tile the data region
+    exactly (no overlap, no gap, nothing past the end, nothing after the last tensor); an optional
+    ``__metadata__`` mapping strings to strings.
+
+    Returns ({name: TensorInfo}, metadata). Raises :class:`SafetensorsError` naming the file (and
+    the tensor or field) for a missing, truncated or malformed file.
     """
     path = Path(path)
     try:
@@ -92,30 +99,128 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     except FileNotFoundError:
         raise SafetensorsError(f"{path}: file not found") from None
     try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        raise SafetensorsError(f"{path}: header is not UTF-8 ({e})") from None
+    except (json.JSONDecodeError, _DuplicateKey) as e:
         raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
-    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: header must be a JSON object, found {_kind(header)}")
+    metadata = _metadata(path, header.pop("__metadata__", None))
     base = 8 + n
-    out: dict[str, TensorInfo] = {}
-    data_end = 0
-    for name, h in header.items():
-        try:
-            dtype, shape, (b, e) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: malformed header entry for {name!r}") from None
-        if dtype not in DTYPE_SIZE:
-            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        if e - b != DTYPE_SIZE[dtype] * int(np.prod(shape, dtype=np.int64)):
-            raise SafetensorsError(f"{path}: tensor {name!r}: byte range does not match shape {list(shape)} {dtype}")
-        out[name] = TensorInfo(path, name, dtype, shape, base + b, base + e)
-        data_end = max(data_end, base + e)
-    if data_end > size:
+    out = {name: _entry(path, name, h, base) for name, h in header.items()}
+    # The ranges must tile the data region: sorted by start, each begins where the last ended.
+    at, prev = base, None
+    for t in sorted(out.values(), key=lambda t: (t.begin, t.end)):
+        if t.begin != at:
+            what = f"overlaps tensor {prev!r}" if t.begin < at else f"leaves a gap of {t.begin - at} bytes after " + (
+                f"tensor {prev!r}" if prev else "the header")
+            raise SafetensorsError(
+                f"{path}: tensor {t.name!r}: data_offsets {[t.begin - base, t.end - base]} {what} "
+                f"(expected it to start at {at - base})"
+            )
+        at, prev = t.end, t.name
+    if at > size:
         raise SafetensorsError(
-            f"{path}: truncated: the header declares {data_end - base} bytes of tensor data, "
-            f"the file holds {size - base}"
+            f"{path}: truncated: the header declares {at - base} bytes of tensor data, the file holds {size - base}"
+        )
+    if at < size:
+        raise SafetensorsError(
+            f"{path}: {size - at} bytes after the last tensor (the header declares {at - base} bytes of tensor "
+            f"data, the file holds {size - base})"
         )
     return out, metadata
+
+
+def read_index(path: str | Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard file name.
+
+    The index must be a JSON object whose ``weight_map`` is a non-empty object mapping tensor
+    names to plain ``*.safetensors`` file names beside the index (no folders, no ``..``).
+    Raises :class:`SafetensorsError` naming the file and the entry.
+    """
+    path = Path(path)
+    try:
+        index = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+    except FileNotFoundError:
+        raise SafetensorsError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise SafetensorsError(f"{path}: not UTF-8 ({e})") from None
+    except (json.JSONDecodeError, _DuplicateKey) as e:
+        raise SafetensorsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise SafetensorsError(f"{path}: expected a JSON object, found {_kind(index)}")
+    if "metadata" in index and not isinstance(index["metadata"], (dict, type(None))):
+        raise SafetensorsError(f"{path}: metadata must be an object, found {_kind(index['metadata'])}")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = "nothing" if "weight_map" not in index else _kind(weight_map)
+        raise SafetensorsError(f"{path}: weight_map must be a non-empty object of tensor -> file name, found {found}")
+    for name, fname in weight_map.items():
+        plain = isinstance(fname, str) and fname not in ("", ".", "..") and not any(c in fname for c in "/\\\0")
+        if not (plain and fname.endswith(".safetensors")):
+            raise SafetensorsError(
+                f"{path}: weight_map[{name!r}] must be a *.safetensors file name beside the index, found {fname!r}"
+            )
+    return weight_map
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {k!r} appears twice")
+        out[k] = v
+    return out
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), f"a number ({v!r})")
+
+
+def _is_uint(v: Any) -> bool:
+    return type(v) is int and v >= 0  # bool is an int subclass: excluded on purpose
+
+
+def _metadata(path: Path, meta: Any) -> dict[str, str]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise SafetensorsError(f"{path}: __metadata__ must be an object of strings, found {_kind(meta)}")
+    for k, v in meta.items():
+        if not isinstance(v, str):
+            raise SafetensorsError(f"{path}: __metadata__[{k!r}] must be a string, found {_kind(v)}")
+    return meta
+
+
+def _entry(path: Path, name: str, h: Any, base: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(h, dict):
+        raise SafetensorsError(f"{where}: expected an object with dtype, shape and data_offsets, found {_kind(h)}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in h:
+            raise SafetensorsError(f"{where}: no {key!r}")
+    dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZE:
+        raise SafetensorsError(f"{where}: unsupported dtype {dtype!r} (expected one of {', '.join(DTYPE_SIZE)})")
+    if not isinstance(shape, list) or not all(_is_uint(s) for s in shape):
+        raise SafetensorsError(f"{where}: shape must be a list of non-negative integers, found {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_uint(o) for o in offsets)):
+        raise SafetensorsError(f"{where}: data_offsets must be two non-negative integers, found {offsets!r}")
+    b, e = offsets
+    if e < b:
+        raise SafetensorsError(f"{where}: data_offsets {offsets} end before they begin")
+    want = tensor_nbytes(dtype, tuple(shape))
+    if e - b != want:
+        raise SafetensorsError(
+            f"{where}: data_offsets {offsets} hold {e - b} bytes, expected {want} for {dtype} {shape}"
+        )
+    return TensorInfo(path, name, dtype, tuple(shape), base + b, base + e)
 
 
 class SafetensorsWriter:
@@ -174,7 +279,7 @@ class SafetensorsWriter:
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return DTYPE_SIZE[dtype] * int(np.prod(shape, dtype=np.int64))
+    return DTYPE_SIZE[dtype] * math.prod(shape)  # Python ints: a huge shape cannot wrap around
 
 
 def split_into_shards(items: list, nbytes: Callable[[Any], int], shard_bytes: int) -> list[list]:
