@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_gptoss.config import ConfigError, GptOssConfig
-from mlx_gptoss.safetensors_io import SafetensorsError, TensorInfo, read_header
+from mlx_gptoss.safetensors_io import SafetensorsError, TensorInfo, read_header, read_index
 
 from .layout import LAYOUTS, ORIGINAL, detect_layout, original_config_to_hf
 
@@ -66,9 +66,9 @@ def _shard_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     if not index.is_file():
         return sorted(root.glob("*.safetensors")), None
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConversionError(f"{index}: not a valid safetensors index ({e})") from None
+        weight_map = read_index(index)
+    except SafetensorsError as e:
+        raise ConversionError(str(e)) from None
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not (root / f).is_file()]
     if missing:
