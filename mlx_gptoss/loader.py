@@ -154,7 +154,8 @@ def load(
         verbose: print the memory plan to stderr.
 
     Returns a :class:`~mlx_gptoss.model.GptOss` with ``.config`` and ``.tokenizer``. Nothing is
-    read from disk until it is used (unless ``lazy=False``).
+    read from disk until it is used (unless ``lazy=False``), but the weight files are held open
+    from here on: a folder replaced later (``convert --force``) does not change a loaded model.
     """
     from mlx.utils import tree_flatten, tree_unflatten
 
@@ -173,6 +174,9 @@ def load(
     config = GptOssConfig.from_dict(raw, source=str(cfg_path))
     model = GptOss(config)
     expected = dict(tree_flatten(model.parameters()))
+    # the lazy loads, the host embedding and the expert reader each open the shards; all must be
+    # the files planned from (held open after this, so a later replacement cannot reach them)
+    shards = {f: _file_id(f) for f in _shards(path)}
     weights = load_weights(path, expected)
     weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != dtype else v for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
@@ -180,11 +184,22 @@ def load(
     model.stream_stats = None
     if memory_budget is not None:
         _apply_budget(model, path, memory_budget, context, dtype, prefetch, verbose)
+    changed = [f.name for f, before in shards.items() if _file_id(f) != before]
+    if changed:
+        raise LoadError(f"{path}: {', '.join(changed)} changed while the model was loading (a conversion writing there?); load it again")
     if not lazy:
         mx.eval(model.parameters())
     model.tokenizer = Tokenizer(path)
     model.path = path
     return model
+
+
+def _file_id(f: Path) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(f)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _apply_budget(model, path: Path, budget, context: int, dtype, prefetch: bool, verbose: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,28 +66,48 @@ class StreamStats:
         }
 
 
+class ExpertReadError(OSError):
+    """Reading a streamed expert from the checkpoint failed; the message names file, layer and expert."""
+
+
+def _read_error(file, layer: int, expert: int, err: BaseException) -> ExpertReadError:
+    why = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return ExpertReadError(f"{file}: reading expert {expert} of layer {layer} failed: {why}")
+
+
 class ExpertReader:
-    """Reads one expert's tensors of one layer straight from the checkpoint files (pread)."""
+    """Reads one expert's tensors of one layer straight from the checkpoint files (pread).
+
+    The files are opened here, at load time, and held: a folder replaced afterwards (a
+    conversion renaming new files over the old names) cannot make the offsets planned from the
+    old headers read the new files' bytes.
+    """
 
     def __init__(self, tensors: dict[str, TensorInfo], layers: int):
         self.info = {(i, p): tensors[f"layers.{i}.mlp.{p}"] for i in range(layers) for p in PARTS}
         self._fds: dict[Any, int] = {}
-        self._lock = threading.Lock()
-
-    def _fd(self, path) -> int:
-        with self._lock:
-            if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            return self._fds[path]
+        try:
+            for f in sorted({info.file for info in self.info.values()}):
+                self._fds[f] = os.open(f, os.O_RDONLY)
+        except OSError:
+            _close_fds(self._fds)
+            raise
+        weakref.finalize(self, _close_fds, self._fds)  # the descriptors go with the model
 
     def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        """The expert's six tensors as numpy arrays (no MLX arrays: this runs in the prefetch thread)."""
         out = {}
         for p in PARTS:
             info = self.info[(layer, p)]
             per = info.nbytes // info.shape[0]
-            raw = os.pread(self._fd(info.file), per, info.begin + expert * per)
+            try:
+                raw = os.pread(self._fds[info.file], per, info.begin + expert * per)
+            except KeyError:
+                raise ExpertReadError(f"{info.file}: the expert reader is closed") from None
+            except OSError as e:
+                raise _read_error(info.file, layer, expert, e) from e
             if len(raw) != per:
-                raise OSError(f"{info.file}: truncated while reading expert {expert} of layer {layer}")
+                raise _read_error(info.file, layer, expert, EOFError("the file is truncated"))
             out[p] = np.frombuffer(raw, dtype=NUMPY_DTYPE[info.dtype]).reshape(info.shape[1:])
         return out
 
@@ -94,9 +115,13 @@ class ExpertReader:
         return sum(self.info[(layer, p)].nbytes // self.info[(layer, p)].shape[0] for p in PARTS)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        _close_fds(self._fds)
+
+
+def _close_fds(fds: dict[Any, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 @dataclass
@@ -107,6 +132,8 @@ class _Shared:
     stats: StreamStats
     pool: ThreadPoolExecutor | None
     layers: list["StreamedMoE"] = field(default_factory=list)
+    # the slot bookkeeping of all layers (slot maps, staged reads) is changed by one thread at a time
+    lock: threading.RLock = field(default_factory=threading.RLock)
     # For measurements only: (layer, router logits [N, E]) -> expert ids [N, K], e.g. a routing
     # trace with realistic skew in place of random weights' nearly uniform choice.
     route: Any = None
@@ -147,30 +174,59 @@ class StreamedMoE(nn.Module):
             self._w[p][slot] = a  # in place: the slot arrays have no other reference
 
     def _ensure(self, needed: list[int], protect: set[int]) -> None:
-        """Make every expert in ``needed`` resident, evicting least-recent ones not in ``protect``."""
+        """Make every expert in ``needed`` resident, evicting least-recent ones not in ``protect``.
+
+        The slots are evaluated before this returns, also when a read fails: no lazy write is left
+        for a later generation, perhaps in another thread (MLX evaluates an array only in the
+        thread whose stream built it).
+        """
         sh = self._shared
-        for e in needed:
-            if e in self._slot_of:
-                self._slot_of.move_to_end(e)
-                sh.stats.hits[self._layer] += 1
-                continue
-            sh.stats.misses[self._layer] += 1
-            if self._free:
-                slot = self._free.pop()
-            else:
-                victim = next(v for v in self._slot_of if v not in protect)
-                slot = self._slot_of.pop(victim)
-            t = time.perf_counter()
-            fut = self._staged.pop(e, None)
-            if fut is not None:
-                sh.stats.prefetched[self._layer] += 1
+        dirty = False
+        try:
+            for e in needed:
+                if e in self._slot_of:
+                    self._slot_of.move_to_end(e)
+                    sh.stats.hits[self._layer] += 1
+                    continue
+                sh.stats.misses[self._layer] += 1
+                data = self._fetch(e)  # before a slot is taken, so a failed read changes no slot
+                slot = self._take_slot(protect)
+                dirty = True
+                try:
+                    self._write(slot, data)
+                except BaseException:
+                    self._free.append(slot)  # half written: empty, not the evicted expert's
+                    raise
+                self._slot_of[e] = slot
+        finally:
+            if dirty:
+                mx.eval(list(self._w.values()))
+
+    def _fetch(self, e: int) -> dict[str, np.ndarray]:
+        sh = self._shared
+        t = time.perf_counter()
+        fut = self._staged.pop(e, None)
+        try:
+            if fut is not None and not fut.cancelled():
                 data = fut.result()
+                sh.stats.prefetched[self._layer] += 1
             else:
                 data = sh.reader.read(self._layer, e)
-            sh.stats.stall_s += time.perf_counter() - t
-            sh.stats.bytes_read += sh.reader.expert_nbytes(self._layer)
-            self._write(slot, data)
-            self._slot_of[e] = slot
+        except ExpertReadError:
+            raise
+        except OSError as err:  # a reader that failed without naming the file
+            raise _read_error(sh.reader.info[(self._layer, PARTS[0])].file, self._layer, e, err) from err
+        sh.stats.stall_s += time.perf_counter() - t
+        sh.stats.bytes_read += sh.reader.expert_nbytes(self._layer)
+        return data
+
+    def _take_slot(self, protect: set[int]) -> int:
+        if self._free:
+            return self._free.pop()
+        victim = next((v for v in self._slot_of if v not in protect), None)
+        if victim is None:
+            raise RuntimeError(f"layer {self._layer}: all {self._S} expert slots are in use by this step")
+        return self._slot_of.pop(victim)
 
     def prefetch(self, experts: list[int]) -> None:
         """Start reading experts this layer will probably need (into host memory)."""
@@ -184,6 +240,22 @@ class StreamedMoE(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+        with self._shared.lock:
+            try:
+                y = self._forward(x)
+            except BaseException:
+                for layer in self._shared.layers:  # no read staged by a failed step reaches the next one
+                    layer._drop_staged()
+                raise
+            self._drop_staged()  # guesses that did not come true
+        return y if residual is None else residual + y
+
+    def _drop_staged(self) -> None:
+        for fut in self._staged.values():
+            fut.cancel()
+        self._staged.clear()
+
+    def _forward(self, x: mx.array) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         logits = self.router(x)
@@ -206,10 +278,7 @@ class StreamedMoE(nn.Module):
             y = self._dispatch(x, ids, weights)
         else:
             y = self._grouped(x, ids, weights, uniq)
-        for fut in self._staged.values():  # guesses that did not come true
-            fut.cancel()
-        self._staged.clear()
-        return y.reshape(shape) if residual is None else residual + y.reshape(shape)
+        return y.reshape(shape)
 
     def _slots(self, ids: np.ndarray) -> mx.array:
         lut = np.zeros(self._E, dtype=np.uint32)
