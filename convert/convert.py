@@ -7,8 +7,10 @@ temporary sibling folder and renamed into place only when complete.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -21,15 +23,18 @@ import numpy as np
 from mlx_gptoss.config import GptOssConfig, QuantSpec
 from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, fsync_dir, split_into_shards, tensor_nbytes
 
+from .destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, check_replaceable, destination,
+                          remove_stale, signals_as_errors)  # fmt: skip
 from .layout import (BLOCKS, CONCAT, COPY, FORMAT_NAME, FORMAT_VERSION, QLIN_B, QLIN_OPS, QLIN_S, QLIN_W, QUANT_S, QUANT_W,
                      quantizable, rule_for)  # fmt: skip
 from .source import INDEX, ConversionError, Release, open_release
-from .vocab import TIKTOKEN_FILE, write_harmony_vocab
+from .vocab import O200K_BASE_SHA256, TIKTOKEN_FILE, tiktoken_from_tokenizer_json
 
 FLOATS = ("BF16", "F16", "F32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")  # fmt: skip
 DEFAULT_SHARD_BYTES = 4 << 30
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 # Storage presets for the non-expert weights (the MXFP4 experts are never changed).
 PRESETS: dict[str, dict[str, QuantSpec | None]] = {
     "none": {},
@@ -218,7 +223,33 @@ class _Streamer:
             f.close()
 
 
-def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_label: str, weight_map: dict[str, str], total: int) -> list[str]:
+def _is_output(name: str) -> bool:
+    """Whether a file name is one a conversion writes (what ``force`` may replace)."""
+    return name in ("config.json", INDEX, TIKTOKEN_FILE, *TOKENIZER_FILES) or bool(_SHARD_NAME.match(name))
+
+
+def _harmony_vocab(release: Release) -> bytes | None:
+    """The release tokenizer's vocabulary in tiktoken form, None if it is not o200k_harmony.
+
+    Read before any weight is written, so a corrupt tokenizer.json costs no conversion time.
+    """
+    if release.tokenizer_dir is None:
+        return None
+    path = release.tokenizer_dir / "tokenizer.json"
+    try:
+        data = tiktoken_from_tokenizer_json(path)
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot read it ({e.strerror})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(
+            f"{path}: not a valid tokenizer.json ({e.__class__.__name__}: {e}); replace it with the release's "
+            "tokenizer.json, or remove it (then copy the tokenizer files in by hand)"
+        ) from None
+    return data if hashlib.sha256(data).hexdigest() == O200K_BASE_SHA256 else None
+
+
+def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_label: str, weight_map: dict[str, str],
+                    total: int, vocab: bytes | None) -> list[str]:  # fmt: skip
     from mlx_gptoss import __version__
 
     notes = []
@@ -241,58 +272,24 @@ def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_l
     for name in TOKENIZER_FILES:
         if (release.tokenizer_dir / name).is_file():
             shutil.copy2(release.tokenizer_dir / name, dst / name)
-    if not write_harmony_vocab(release.tokenizer_dir / "tokenizer.json", dst):
+    if vocab is None:
         notes.append(
             f"tokenizer.json is not o200k_harmony: {TIKTOKEN_FILE} was not written, "
             "so harmony will need $TIKTOKEN_ENCODINGS_BASE or a network connection"
         )
+    else:
+        (dst / TIKTOKEN_FILE).write_bytes(vocab)
     return notes
 
 
-def convert(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    force: bool = False,
-    layout: str | None = None,
-    shard_bytes: int = DEFAULT_SHARD_BYTES,
-    quantization: dict[str, QuantSpec | None] | None = None,
-    progress: bool | Callable | None = None,
-) -> Path:
-    """Convert a released gpt-oss checkpoint folder (HF layout, original/, or dense experts) to ours.
-
-    Args:
-        src: the released checkpoint's folder.
-        dst: the folder to create. An existing one is refused unless ``force``.
-        layout: force a source layout ("hf", "hf-dense", "original"); detected from tensor names if None.
-        shard_bytes: largest output shard.
-        quantization: store non-expert components quantized, e.g. ``{"attention": QuantSpec(bits=8),
-            "lm_head": QuantSpec(bits=6)}`` (components: attention, lm_head, embed_tokens). The
-            MXFP4 experts are never touched.
-        progress: show a progress bar (default: when stderr is a terminal).
-
-    Returns the destination path. On any error nothing is left at ``dst`` (nor beside it).
-    """
-    src, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst}: already exists (use --force to replace it)")
-    release = open_release(src, layout)
-    if dst.resolve() == release.root.resolve() or release.root.resolve() in dst.resolve().parents:
-        raise ConversionError(f"{dst}: the destination must not be inside the source checkpoint")
-    out_config = release.config
-    if quantization:
-        chosen = tuple(sorted((c, q) for c, q in quantization.items() if q is not None))
-        out_config = dataclasses.replace(release.config, quantization=chosen)
-    planned = plan(release, out_config)
-    shards = split_into_shards(planned, lambda p: p.nbytes, shard_bytes)
-    total = sum(p.nbytes for p in planned)
-    dst.parent.mkdir(parents=True, exist_ok=True)
+def _write(release: Release, out_config: GptOssConfig, shards: list[list[Planned]], total: int, vocab: bytes | None,
+           dst: Path, src_label: str, show: bool) -> list[str]:  # fmt: skip
+    """Write the conversion into a hidden sibling of ``dst``, then rename it into place (replacing ``dst``)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to this user
     streamer = _Streamer()
-    show = sys.stderr.isatty() if progress is None else bool(progress)
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not show)
@@ -307,7 +304,7 @@ def convert(
                         w.write(p.name, chunk)
                         bar.update(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes)
                     weight_map[p.name] = fname
-        notes = _write_metadata(release, out_config, tmp, str(src), weight_map, total)
+        notes = _write_metadata(release, out_config, tmp, src_label, weight_map, total, vocab)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -325,6 +322,72 @@ def convert(
     finally:
         streamer.close()
         bar.close()
+    return notes
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    force: bool = False,
+    layout: str | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    quantization: dict[str, QuantSpec | None] | None = None,
+    progress: bool | Callable | None = None,
+) -> Path:
+    """Convert a released gpt-oss checkpoint folder (HF layout, original/, or dense experts) to ours.
+
+    Args:
+        src: the released checkpoint's folder.
+        dst: the folder to create. It must not overlap ``src``. An existing one is refused unless
+            ``force``, and even then only an empty folder or an earlier mlx-gptoss conversion is replaced.
+        layout: force a source layout ("hf", "hf-dense", "original"); detected from tensor names if None.
+        shard_bytes: largest output shard.
+        quantization: store non-expert components quantized, e.g. ``{"attention": QuantSpec(bits=8),
+            "lm_head": QuantSpec(bits=6)}`` (components: attention, lm_head, embed_tokens). The
+            MXFP4 experts are never touched.
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    Returns the destination path. Every check (paths, headers, tokenizer, free space) runs before
+    anything is written; one conversion at a time may write into ``dst`` (``.DST.lock`` beside it).
+    On any error, SIGTERM or SIGHUP nothing is left at ``dst`` (nor beside it); the hidden folder
+    a killed conversion leaves beside ``dst`` is removed by the next conversion into ``dst``.
+    Raises ConversionError for a check that fails, OSError for a failed write.
+    """
+    src, given = Path(src).expanduser(), dst
+    dst = destination(dst)
+    if (dst.exists() or dst.is_symlink()) and not force:
+        raise ConversionError(f"{given}: already exists (use --force to replace an earlier conversion)")
+    release = open_release(src, layout)
+    check_no_overlap([src, release.root], dst)
+    if dst.exists() or dst.is_symlink():
+        check_replaceable(dst, _is_output)
+    vocab = _harmony_vocab(release)
+    out_config = release.config
+    if quantization:
+        chosen = tuple(sorted((c, q) for c, q in quantization.items() if q is not None))
+        out_config = dataclasses.replace(release.config, quantization=chosen)
+    planned = plan(release, out_config)
+    shards = split_into_shards(planned, lambda p: p.nbytes, shard_bytes)
+    total = sum(p.nbytes for p in planned)
+    need = total + SPACE_MARGIN
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    with signals_as_errors(dst):
+        if not dst.parent.is_dir():
+            check_free_space(dst.parent, need)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConversionError(f"{dst.parent}: cannot create it ({e.strerror})") from None
+        with DestinationLock(dst):
+            for p in remove_stale(dst):
+                print(f"note: removed {p}, left by an interrupted conversion", file=sys.stderr)
+            if dst.exists() or dst.is_symlink():  # another conversion may have finished meanwhile
+                if not force:
+                    raise ConversionError(f"{given}: already exists (use --force to replace an earlier conversion)")
+                check_replaceable(dst, _is_output)
+            check_free_space(dst.parent, need)
+            notes = _write(release, out_config, shards, total, vocab, dst, str(src), show)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return dst

@@ -116,5 +116,7 @@ def open_release(src: str | Path, layout: str | None = None) -> Release:
         config = GptOssConfig.from_dict(hf_style, source=str(cfg_path))
     except ConfigError as e:
         raise ConversionError(str(e)) from None
-    tok = next((d for d in (root, root.parent) if (d / "tokenizer.json").is_file()), None)
+    # The release keeps its tokenizer beside original/; any other parent folder is not the release's.
+    dirs = (root, root.parent) if found == ORIGINAL and root.name == "original" else (root,)
+    tok = next((d for d in dirs if (d / "tokenizer.json").is_file()), None)
     return Release(root, found, config, raw, tensors, tok)

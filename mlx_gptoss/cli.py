@@ -23,7 +23,7 @@ def main() -> None:
 @main.command()
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DST if it is an earlier mlx-gptoss conversion (or empty).")
 @click.option("--layout", type=click.Choice(["hf", "hf-dense", "original"]), default=None,
               help="Source layout (default: detected from the tensor names).")  # fmt: skip
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output file.")
@@ -48,6 +48,7 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
     from mlx_gptoss.memory import parse_size
     from mlx_gptoss_convert import PRESETS, ConversionError
     from mlx_gptoss_convert import convert as run
+    from mlx_gptoss_convert.destination import describe_os_error
 
     try:
         shard_bytes = parse_size(shard_size)
@@ -64,6 +65,8 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
                   progress=progress)  # fmt: skip
     except (ConversionError, ValueError) as e:
         raise _Fail(str(e)) from None
+    except OSError as e:  # a write that failed (read-only or full disk): the partial output is already removed
+        raise _Fail(describe_os_error(e, dst)) from None
     click.echo(f"converted {src} -> {out}", err=True)
 
 

@@ -49,7 +49,11 @@ def resolve_model(path_or_repo: str | Path, *, progress: bool | None = None) -> 
     from mlx_gptoss_convert import convert
     from mlx_gptoss_convert.hub import download
 
-    convert(download(name), converted, progress=progress)
+    hint = (
+        f"It has not been converted yet ({converted} does not exist). If you have the release downloaded, "
+        "convert it: `mlx-gptoss convert SRC DST`, then run with `--model DST` (in Python: load(DST))."
+    )
+    convert(download(name, offline_hint=hint), converted, progress=progress)
     return converted
 
 
