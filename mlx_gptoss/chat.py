@@ -13,7 +13,6 @@ them at message boundaries and restores the nearest one.
 
 from __future__ import annotations
 
-import itertools
 import json
 import threading
 from dataclasses import dataclass, field
@@ -23,12 +22,25 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import mlx.core as mx
 
 from .cache import SlidingKVCache
-from .generate import GenerationResult, make_sampler, stream_tokens
+from .generate import GenerationResult, PromptTooLongError, make_sampler, stream_tokens
 from .harmony import (CommentaryDelta, Event, FinalDelta, HarmonyStream, ReasoningDelta, ToolCall, ToolCallCompleted,
                       system_message)  # fmt: skip
 from .tools import Tool, as_tool
 
 MAX_SNAPSHOTS = 8
+DEFAULT_MAX_TOKENS = 2048
+# "rolling" (the default) drops turns in bulk, so the KV cache is reused between drops; "drop_oldest"
+# keeps the most history but, once the context is full, recomputes the whole prompt every turn
+CONTEXT_POLICIES = ("rolling", "drop_oldest", "error")
+_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "sampler", "prefill_step")
+
+
+def context_size(model) -> int:
+    """The most tokens (prompt + reply) one turn may use: the model's context, or the context its
+    memory plan reserved the KV cache for."""
+    plan = getattr(model, "memory_plan", None)
+    n = model.config.max_position_embeddings
+    return min(n, plan.context) if plan is not None else n
 
 
 @dataclass
@@ -39,8 +51,9 @@ class Reply:
     reasoning: str = ""
     commentary: str = ""  # preambles addressed to the user before tool calls
     tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop", "tool_calls", "length", "cancelled"
+    finish_reason: str = "length"  # "stop", "tool_calls", "length", "cancelled", "max_steps" (run())
     problems: list[str] = field(default_factory=list)  # malformed model output, as found
+    dropped_turns: int = 0  # oldest turns this turn hid from the model to fit the context
     stats: GenerationResult = field(default_factory=GenerationResult)
 
 
@@ -53,7 +66,12 @@ class Done:
 
 class ChatSession:
     """A harmony conversation with one model (see the module docstring). Not for concurrent
-    ``send`` calls; :meth:`cancel` may be called from any thread."""
+    ``send`` calls; :meth:`cancel` may be called from any thread.
+
+    A turn that fails (bad options or text, a prompt that cannot fit, an exception or
+    KeyboardInterrupt while generating, a stream closed before its ``Done``) leaves the
+    conversation as it was: the next turn gives what a fresh session with the same history gives.
+    """
 
     def __init__(
         self,
@@ -63,9 +81,13 @@ class ChatSession:
         system: str | None = None,
         reasoning_effort: str = "medium",
         tools: Sequence[Tool | Callable | Mapping] = (),
-        max_tokens: int = 2048,
+        max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        context_policy: str = "rolling",
+        context: int | None = None,
         today: date | None = None,
         reuse_kv: bool = True,
         _messages: list | None = None,
@@ -78,18 +100,38 @@ class ChatSession:
             reasoning_effort: "low", "medium" or "high".
             tools: Python functions (schema from signature and docstring), ``Tool`` objects or
                 JSON schemas ``{"name", "description", "parameters"}``.
-            max_tokens, temperature, top_p: defaults for each turn (overridable per call).
+            max_tokens, temperature, top_p, top_k, min_p: defaults for each turn (overridable
+                per call). ``max_tokens`` defaults to 2048, or half the context when that is less.
+            context_policy: what a turn does when the conversation no longer fits the context
+                with ``max_tokens`` of room for the reply: "rolling" hides the oldest turns until
+                the prompt fills at most half of what is left (the KV cache is then reused for
+                the next turns), "drop_oldest" hides as few as fit (the most history, but the
+                whole prompt is recomputed every turn once full), "error" raises
+                :class:`PromptTooLongError`. System and developer messages are always kept,
+                turns are hidden whole (a tool call never loses its result), and hidden turns
+                stay in :attr:`messages`.
+            context: the most tokens a turn may use (default: :func:`context_size` of the model).
             reuse_kv: keep the KV cache between turns (False prefills the whole conversation
                 every turn, like a stateless server; for comparisons).
         """
+        if context_policy not in CONTEXT_POLICIES:
+            raise ValueError(f"context_policy must be one of {', '.join(CONTEXT_POLICIES)}; got {context_policy!r}")
+        limit = context_size(model)
+        if context is not None and not (isinstance(context, int) and 1 < context <= limit):
+            raise ValueError(f"context must be an integer in 2..{limit} (the model's context); got {context!r}")
         self.model = model
         self.reuse_kv = reuse_kv
+        self.context_policy = context_policy
+        self.context_size = context or limit
         self.encoding = model.tokenizer.encoding
         self.tools: dict[str, Tool] = {}
         for t in tools:
             tool = as_tool(t)
             self.tools[tool.name] = tool
-        self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.context_size // 2)
+        self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
+        self._options({})  # bad defaults fail here, not at the first turn
         self._identity, self._today = system, today
         if _messages is not None:
             self._messages = list(_messages)
@@ -98,12 +140,13 @@ class ChatSession:
             dev = self._developer_message(instructions)
             if dev is not None:
                 self._messages.append(dev)
+        self._hidden = 0  # leading conversation messages (not system/developer) the model no longer sees
         self._cancel = threading.Event()
         self._lock = threading.Lock()
         # A session needs every weight; reading them here, in the creating thread, lets turns run
         # in other threads (MLX evaluates a lazy array only in the thread that built it).
         mx.eval(model.parameters())
-        self._ids = (f"call_{i}" for i in itertools.count(1))
+        self._n_calls = 0  # tool-call ids handed out so far
         self.last_prompt_ids: list[int] = []
         self._reset_cache()
 
@@ -111,8 +154,14 @@ class ChatSession:
 
     @property
     def messages(self) -> list[dict]:
-        """The conversation, as openai-harmony message dicts (JSON-compatible)."""
+        """The conversation, as openai-harmony message dicts (JSON-compatible), turns hidden by
+        the context policy included."""
         return [m.to_dict() for m in self._messages]
+
+    @property
+    def context_messages(self) -> list[dict]:
+        """The messages the model sees now: :attr:`messages` less the turns the context policy hid."""
+        return [m.to_dict() for m in _visible(self._messages, self._hidden)]
 
     def to_json(self) -> str:
         """openai-harmony's conversation JSON; :meth:`from_json` restores the session."""
@@ -123,20 +172,33 @@ class ChatSession:
     @classmethod
     def from_json(cls, model, payload: str, *, tools: Sequence[Tool | Callable | Mapping] = (), **defaults: Any) -> "ChatSession":
         """Restore a session saved with :meth:`to_json`. Instructions, effort and tool schemas
-        travel in the conversation; pass ``tools`` again to make Python tools callable."""
+        travel in the conversation; pass ``tools`` again to make Python tools callable.
+
+        Raises ValueError when the payload is not a conversation the model can be given."""
         from openai_harmony import Conversation
 
         try:
             messages = Conversation.from_json(payload).messages
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"not a harmony conversation JSON: {e}") from None
-        return cls(model, tools=tools, _messages=messages, **defaults)
+        session = cls(model, tools=tools, _messages=messages, **defaults)
+        try:
+            session._render(messages)
+        except ValueError:
+            # name the first message that breaks the rendering
+            for i in range(1, len(messages) + 1):
+                try:
+                    session._render(messages[:i])
+                except ValueError as e:
+                    role = messages[i - 1].author.role.value
+                    raise ValueError(f"conversation message {i - 1} ({role}) cannot be used: {e}") from None
+            raise
+        return session
 
     def reset(self) -> None:
         """Forget the conversation, keep the system and developer messages (and settings)."""
-        from openai_harmony import Role
-
-        self._messages = [m for m in self._messages if m.author.role in (Role.SYSTEM, Role.DEVELOPER)]
+        self._messages = [m for m in self._messages if _is_instruction(m)]
+        self._hidden = 0
         self._reset_cache()
 
     @property
@@ -166,16 +228,21 @@ class ChatSession:
     def send(self, text: str, **options: Any) -> Reply:
         """Add a user message and generate the assistant's reply.
 
-        Options (per call): max_tokens, temperature, top_p, seed, stop (strings that end the
-        answer), sampler (logits [1, V] -> token [1]), prefill_step (prompt chunk size).
+        Options (per call): max_tokens, temperature, top_p, top_k, min_p, seed, stop (strings
+        that end the answer), sampler (logits [1, V] -> token [1]), prefill_step (prompt chunk
+        size). Bad options or text raise before the conversation changes.
         """
         return _last(self.stream(text, **options))
 
     def stream(self, text: str, **options: Any) -> Iterator[Event | Done]:
-        """Like :meth:`send`, yielding events as tokens arrive; the last event is :class:`Done`."""
+        """Like :meth:`send`, yielding events as tokens arrive; the last event is :class:`Done`.
+
+        Options and text are checked here; closing the stream before ``Done`` undoes the turn
+        (to stop early and keep the partial answer, call :meth:`cancel`)."""
         from openai_harmony import Message, Role
 
-        return self._turn(Message.from_role_and_content(Role.USER, text), options)
+        opts = self._options(options)
+        return self._turn(Message.from_role_and_content(Role.USER, _checked_text(text, "the message")), opts)
 
     def send_tool_result(self, call: ToolCall | str, result: Any, **options: Any) -> Reply:
         """Give the model the result of a tool call and continue the turn."""
@@ -184,28 +251,113 @@ class ChatSession:
     def stream_tool_result(self, call: ToolCall | str, result: Any, **options: Any) -> Iterator[Event | Done]:
         from openai_harmony import Author, Message, Role
 
+        opts = self._options(options)
         recipient = call.recipient if isinstance(call, ToolCall) else (call if "." in call else f"functions.{call}")
         content = result if isinstance(result, str) else json.dumps(result, default=str)
-        msg = Message.from_author_and_content(Author.new(Role.TOOL, recipient), content)
-        return self._turn(msg.with_recipient("assistant").with_channel("commentary"), options)
+        msg = Message.from_author_and_content(Author.new(Role.TOOL, recipient), _checked_text(content, "the tool result"))
+        return self._turn(msg.with_recipient("assistant").with_channel("commentary"), opts)
 
     def run(self, text: str, *, max_steps: int = 8, **options: Any) -> Reply:
         """Send ``text`` and execute the model's tool calls with the session's Python tools,
         feeding results back, until a reply without tool calls (or ``max_steps`` calls).
 
         A failing tool, an unknown tool or unusable arguments are reported back to the model as
-        ``{"error": ...}``. The returned reply's ``finish_reason`` is "tool_calls" when the step
-        limit stopped the loop.
+        ``{"error": ...}``. When the step limit stops the loop, the reply's ``finish_reason`` is
+        "max_steps" (its last tool call was not executed) and ``problems`` says so.
         """
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
+            raise ValueError(f"max_steps must be an integer >= 0; got {max_steps!r}")
         reply = self.send(text, **options)
-        for _ in range(max_steps):
+        for step in range(max_steps + 1):
             if reply.finish_reason != "tool_calls" or not reply.tool_calls:
                 return reply
+            if step == max_steps:
+                break
             call = reply.tool_calls[-1]
             reply = self.send_tool_result(call, self._execute(call), **options)
+        reply.finish_reason = "max_steps"
+        reply.problems.append(f"the tool loop stopped after max_steps={max_steps} tool calls; "
+                              f"the last call ({reply.tool_calls[-1].name}) was not executed")  # fmt: skip
         return reply
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _options(self, options: Mapping[str, Any]) -> dict:
+        """This turn's options, checked (nothing is changed here); the sampler is built."""
+        unknown = set(options) - set(_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))} (known: {', '.join(_OPTIONS)})")
+        opts = {**self.defaults, **options}
+        n = opts["max_tokens"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1; got {n!r}")
+        if n >= self.context_size:
+            raise PromptTooLongError(f"max_tokens={n} leaves no room for a prompt in the context of {self.context_size} tokens")
+        step = opts.get("prefill_step")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+            raise ValueError(f"prefill_step must be an integer >= 1; got {step!r}")
+        seed = opts.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer; got {seed!r}")
+        stop = opts.get("stop") or []
+        opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in opts["stop"]):
+            raise ValueError(f"stop must be a string or a list of strings; got {stop!r}")
+        if opts.get("sampler") is None:
+            opts["sampler"] = make_sampler(opts["temperature"], opts["top_p"], top_k=opts["top_k"], min_p=opts["min_p"])
+        elif not callable(opts["sampler"]):
+            raise ValueError(f"sampler must be callable (logits [1, V] -> token [1]); got {opts['sampler']!r}")
+        return opts
+
+    def _render(self, messages: list) -> list[int]:
+        """The prompt for ``messages`` (all shown), ending where the assistant's reply begins."""
+        from openai_harmony import Conversation, Role
+
+        try:
+            return self.encoding.render_conversation_for_completion(Conversation.from_messages(_for_rendering(messages)), Role.ASSISTANT)
+        except Exception as e:  # noqa: BLE001 - openai-harmony raises its own error types
+            raise ValueError(f"the conversation cannot be rendered in the harmony format: {e}") from None
+        except BaseException as e:
+            if not _is_panic(e):
+                raise
+            raise ValueError(f"the harmony tokenizer failed on the conversation (it panicked: {str(e)[:200]}); "
+                             f"very long runs of one character do this") from None  # fmt: skip
+
+    def _fit(self, messages: list, hidden: int, max_tokens: int) -> tuple[list[int], int]:
+        """The prompt for ``messages`` with ``max_tokens`` of room left in the context, hiding
+        oldest turns as the policy says; returns the prompt and how many messages are hidden."""
+        room = self.context_size - max_tokens
+        ids = self._render(_visible(messages, hidden))
+        if len(ids) <= room:
+            return ids, hidden
+        cuts = _turn_starts(messages, hidden)  # each one hides one more whole turn
+        if self.context_policy == "error" or not cuts:
+            why = "context_policy='error'" if cuts else "there is no earlier turn to drop"
+            raise PromptTooLongError(
+                f"the conversation makes a prompt of {len(ids)} tokens; with max_tokens={max_tokens} for the reply "
+                f"that exceeds the context of {self.context_size} tokens ({why}; shorten the message, "
+                f"lower max_tokens, or reset the conversation)"
+            )
+        prompts: dict[int, list[int]] = {}
+
+        def size(i: int) -> int:
+            if i not in prompts:
+                prompts[i] = self._render(_visible(messages, cuts[i]))
+            return len(prompts[i])
+
+        targets = [room // 2, room] if self.context_policy == "rolling" else [room]
+        for target in targets:
+            lo, hi = 0, len(cuts)  # prompts shrink as more turns are hidden: the first cut that fits
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if size(mid) <= target else (mid + 1, hi)
+            if lo < len(cuts):
+                return prompts[lo], cuts[lo]
+        raise PromptTooLongError(
+            f"even with every earlier turn dropped the prompt has {size(len(cuts) - 1)} tokens; with "
+            f"max_tokens={max_tokens} for the reply that exceeds the context of {self.context_size} tokens "
+            f"(shorten the message or lower max_tokens)"
+        )
 
     def _execute(self, call: ToolCall) -> Any:
         tool = self.tools.get(call.name)
@@ -275,35 +427,38 @@ class ChatSession:
         self._tokens = self._tokens[:p]
         return p
 
-    def _turn(self, message, options: Mapping[str, Any]) -> Iterator[Event | Done]:
-        from openai_harmony import Conversation, Role
-
-        unknown = set(options) - {"max_tokens", "temperature", "top_p", "seed", "stop", "sampler", "prefill_step"}
-        if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        opts = {**self.defaults, **options}
+    def _turn(self, message, opts: dict) -> Iterator[Event | Done]:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this chat session is already generating")
-        self._cancel.clear()
+        saved = (self._messages, self._hidden, self._n_calls, self.last_prompt_ids)
         ids: list[int] = []
         generated: list[int] = []
+        tokens = None
+        cache_state = "untouched"  # -> "cutting" -> "holds ids": what a failure must do to the cache
+        done = False
         try:
-            self._messages.append(message)
-            ids = self.encoding.render_conversation_for_completion(Conversation.from_messages(_for_rendering(self._messages)), Role.ASSISTANT)
+            self._cancel.clear()
+            messages = [*self._messages, message]
+            ids, hidden = self._fit(messages, self._hidden, opts["max_tokens"])
+            dropped = sum(1 for c in _turn_starts(messages, self._hidden) if c <= hidden)
+            # nothing has changed so far; from here on a failure restores `saved`
+            self._messages, self._hidden = messages, hidden
             self.last_prompt_ids = list(ids)  # what this turn was generated from
+            cache_state = "cutting"
             cached = self._reuse(ids)
-            parser = HarmonyStream(self.encoding, call_ids=self._ids)
+            cache_state = "holds ids"
+            call_ids = _CallIds(self._n_calls)
+            parser = HarmonyStream(self.encoding, call_ids=call_ids)
             boundaries = {parser.special["<|start|>"], parser.special["<|end|>"]}
-            stop_text = _StopText(opts.get("stop") or [])
-            reply = Reply()
+            stop_text = _StopText(opts["stop"])
+            reply = Reply(dropped_turns=dropped)
 
             def on_fed(token: int) -> None:
                 if token in boundaries:
                     self._snapshot()  # a place where a later rendering may diverge
 
             tokens = stream_tokens(
-                self.model, ids, max_tokens=opts["max_tokens"], seed=opts.get("seed"),
-                sampler=opts.get("sampler") or make_sampler(opts["temperature"], opts["top_p"]),
+                self.model, ids, max_tokens=opts["max_tokens"], seed=opts.get("seed"), sampler=opts["sampler"],
                 stop_tokens=self.model.tokenizer.stop_tokens, cache=self._cache, cached=cached,
                 cancel=self._cancel, on_fed=on_fed, on_prefilled=self._snapshot, stats=reply.stats,
                 prefill_step=opts.get("prefill_step"),
@@ -328,20 +483,102 @@ class ChatSession:
                 reply.stats.finish_reason = "tool_calls"
             reply.finish_reason = reply.stats.finish_reason
             reply.problems = list(parser.problems)
-            self._messages += _assistant_messages(parser.messages, stop_text)
+            self._messages = self._messages + _assistant_messages(parser.messages, stop_text)
+            self._n_calls = call_ids.n
+            self._settle_cache(ids + generated)
+            done = True  # a consumer that stops at Done keeps the turn
             yield Done(reply)
+        except BaseException:
+            if not done:
+                self._messages, self._hidden, self._n_calls, self.last_prompt_ids = saved
+                if cache_state == "holds ids":
+                    self._settle_cache(ids + generated)
+                elif cache_state == "cutting":
+                    self._reset_cache()
+            raise
         finally:
-            # what the cache holds: the prompt and every generated token it was fed
-            if ids:
-                self._tokens = (list(ids) + generated)[: self._cache[0].offset]
-            self._materialize()
+            if tokens is not None:
+                tokens.close()  # an abandoned generation lets go of the model now, not at garbage collection
             self._lock.release()
+
+    def _settle_cache(self, fed: list[int]) -> None:
+        """Record what the cache holds after a turn (``fed`` is what it was given, in order) and
+        leave nothing lazy; a cache left inconsistent by an interruption is dropped."""
+        offsets = {c.offset for c in self._cache}
+        if len(offsets) != 1:  # interrupted between layers: its state cannot be trusted
+            self._reset_cache()
+            return
+        self._tokens = fed[: offsets.pop()]
+        self._snaps = {k: v for k, v in self._snaps.items() if k <= len(self._tokens)}
+        try:
+            self._materialize()
+        except Exception:  # noqa: BLE001 - whatever failed the turn may fail here too; start clean
+            self._reset_cache()
 
     def _materialize(self) -> None:
         # MLX evaluates a lazy array only in the thread that built it: leave nothing lazy, so the
         # next turn may run in another thread (an app's worker thread, or its main thread).
         snaps = [a for per_pos in self._snaps.values() for snap in per_pos if snap is not None for a in snap[:2]]
         mx.eval([c.state for c in self._cache], [a for a in snaps if a is not None])
+
+
+class _CallIds:
+    """Fresh tool-call ids ("call_1", ...), counted so that a failed turn can give them back."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self) -> "_CallIds":
+        return self
+
+    def __next__(self) -> str:
+        self.n += 1
+        return f"call_{self.n}"
+
+
+def _is_instruction(message) -> bool:
+    from openai_harmony import Role
+
+    return message.author.role in (Role.SYSTEM, Role.DEVELOPER)
+
+
+def _visible(messages: list, hidden: int) -> list:
+    """``messages`` less the first ``hidden`` conversation messages (instructions always stay)."""
+    out, n = [], 0
+    for m in messages:
+        if _is_instruction(m):
+            out.append(m)
+            continue
+        if n >= hidden:
+            out.append(m)
+        n += 1
+    return out
+
+
+def _turn_starts(messages: list, hidden: int) -> list[int]:
+    """Where each visible turn but the current one ends: the positions (among conversation
+    messages) of the user messages after the first visible one, up to the last user message."""
+    from openai_harmony import Role
+
+    conv = [m for m in messages if not _is_instruction(m)]
+    users = [i for i, m in enumerate(conv) if m.author.role == Role.USER]
+    return [i for i in users if i > hidden]
+
+
+def _checked_text(text: Any, what: str) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at character {e.start} "
+                         f"(decode its bytes with errors='replace')") from None  # fmt: skip
+    return text
+
+
+def _is_panic(e: BaseException) -> bool:
+    # pyo3 raises its PanicException (a BaseException, in no importable module) when Rust panics
+    return type(e).__name__ == "PanicException"
 
 
 def _for_rendering(messages: list) -> list:
