@@ -57,7 +57,8 @@ main(sys.argv[1:], prog_name="mlx-gptoss")
 
 def cli(*args: str, code: str | None = None, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "mlx_gptoss.cli"]
-    return subprocess.run([*head, *map(str, args)], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=120)
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([*head, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
 def clean_error(r: subprocess.CompletedProcess, *needles: str) -> str:
