@@ -228,10 +228,14 @@ def _harmony(record: dict, where: str, effort: str, today: date) -> list["Messag
         if m.get("role") not in _ROLES:
             raise DataError(f"{where}: field messages[{i}].role: unknown role {m.get('role')!r} "
                             f"(expected one of {', '.join(_ROLES)})")
+        for key in sorted(harmony_only & m.keys()):
+            if m[key] is not None and not isinstance(m[key], str):
+                raise DataError(f"{where}: field messages[{i}].{key}: must be a string, found a {type(m[key]).__name__}")
     try:
         messages = Conversation.from_json(json.dumps({"messages": record["messages"]})).messages
-    except Exception as e:  # noqa: BLE001 - the Rust side raises its own error types
-        raise DataError(f"{where}: field messages: not a valid openai-harmony conversation: {e}") from None
+    except Exception as e:  # noqa: BLE001 - pydantic and the Rust side raise their own error types
+        why = "; ".join(x.strip() for x in str(e).splitlines()[:3])
+        raise DataError(f"{where}: field messages: not a valid openai-harmony conversation: {why}") from None
     if not any(m.author.role == Role.SYSTEM for m in messages):
         messages.insert(0, system_message(_effort(record, where, effort), today=today))
     return messages
