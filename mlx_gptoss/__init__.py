@@ -10,23 +10,56 @@ Heavy modules (mlx, harmony) are imported on first use, so ``import mlx_gptoss``
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "generate", "GptOssConfig", "__version__"]
+
+# public name -> the submodule that defines it (imported on first use)
+_LAZY = {
+    "load": "loader",
+    "generate": "generate",
+    "GenerationResult": "generate",
+    "GptOssConfig": "config",
+    "ChatSession": "chat",
+    "Reply": "chat",
+    "Done": "chat",
+    "ReasoningDelta": "harmony",
+    "FinalDelta": "harmony",
+    "CommentaryDelta": "harmony",
+    "ToolCall": "harmony",
+    "ToolCallStarted": "harmony",
+    "ToolCallDelta": "harmony",
+    "ToolCallCompleted": "harmony",
+}
+__all__ = [*_LAZY, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "load":
-        from .loader import load
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mlx_gptoss' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return load
-    if name == "generate":
-        from .generate import generate
 
-        return generate
-    if name == "GptOssConfig":
-        from .config import GptOssConfig
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
-        return GptOssConfig
-    raise AttributeError(f"module 'mlx_gptoss' has no attribute {name!r}")
+
+class _Package(types.ModuleType):
+    """Keeps ``mlx_gptoss.generate`` the function.
+
+    Importing the submodule ``mlx_gptoss.generate`` (chat.py does) makes the import system set
+    the package attribute of the same name to the submodule; that one assignment is ignored.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

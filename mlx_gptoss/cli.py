@@ -81,7 +81,10 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--seed", default=None, type=int)
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely tokens (0 = all).")
+@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Drop tokens less likely than min-p times the most likely one (0 = none).")
+@click.option("--seed", default=None, type=int, help="Random seed, for reproducible sampling.")
 @click.option("--prefill-step", default=None, type=click.IntRange(min=1), help="Prefill chunk (default 512, or the memory plan's).")
 @click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
@@ -89,8 +92,8 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
 @click.option("--show-plan", is_flag=True, help="Print the memory plan (with --memory-budget).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 def generate(prompt: str | None, model: str, system: str | None, reasoning_effort: str, show_reasoning: bool,
-             raw: bool, max_tokens: int, temp: float, top_p: float, seed: int | None, prefill_step: int | None,
-             memory_budget: str | None, context: int, show_plan: bool, as_json: bool) -> None:  # fmt: skip
+             raw: bool, max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float, seed: int | None,
+             prefill_step: int | None, memory_budget: str | None, context: int, show_plan: bool, as_json: bool) -> None:  # fmt: skip
     """Generate a reply to PROMPT (or to standard input when PROMPT is omitted or "-")."""
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -114,17 +117,23 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
 
     try:
         result = run(lm, prompt, raw=raw, system=system, reasoning_effort=reasoning_effort,
-                     max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                     max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
                      prefill_step=prefill_step, on_text=None if as_json else on_text)  # fmt: skip
     except (ValueError, TokenizerError) as e:
         raise _Fail(str(e)) from None
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
+        click.echo("\ninterrupted", err=True)
+        sys.exit(130)
+    if not as_json:
+        sys.stdout.write("\n")  # end the streamed answer's line
+    for problem in result.problems:  # malformed harmony output: the text was kept, say what was wrong
+        click.echo(f"warning: {problem}", err=True)
     if as_json:
         out = result.to_dict()
         if lm.stream_stats is not None:
             out["expert_cache"] = lm.stream_stats.as_dict()
         click.echo(json.dumps(out))
         return
-    sys.stdout.write("\n")
     click.echo(
         f"prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.2f} tok/s | "
         f"generation: {result.generation_tokens} tokens, {result.generation_tps:.2f} tok/s "

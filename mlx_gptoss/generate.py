@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import resource
 import sys
 import time
@@ -9,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
+
+from .locking import model_lock
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -32,6 +35,7 @@ class GenerationResult:
     peak_memory_gb: float = 0.0  # MLX's peak allocation
     peak_rss_gb: float = 0.0  # the process's peak resident memory
     reasoning: str = ""  # harmony analysis channel, when the prompt was rendered with harmony
+    problems: list[str] = field(default_factory=list)  # malformed model output (harmony), as found
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,34 +46,51 @@ def peak_rss_gb() -> float:
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes on macOS, KiB on Linux
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 1.0) -> Callable[[mx.array], mx.array]:
-    """logits [B, V] -> token ids [B]: greedy at temp 0, else nucleus sampling at ``top_p``."""
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
+    """logits [B, V] -> token ids [B]: greedy at temp 0, else sampling at temperature ``temp``
+    from the tokens that pass every filter: the ``top_k`` most likely (0 = all), those at least
+    ``min_p`` times as likely as the most likely one (0 = all), and the nucleus of mass ``top_p``.
+    """
     if temp < 0 or not 0 < top_p <= 1:
-        raise ValueError("temp must be >= 0 and top_p in (0, 1]")
+        raise ValueError(f"temp must be >= 0 and top_p in (0, 1]; got temp={temp}, top_p={top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = no limit); got {top_k!r}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min_p must be in [0, 1) (0 = no limit); got {min_p!r}")
     if temp == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
 
     def sample(logits: mx.array) -> mx.array:
         logits = logits.astype(mx.float32) / temp
-        if top_p < 1.0:
-            order = mx.argsort(-logits, axis=-1)
-            sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-            probs = mx.softmax(sorted_logits, axis=-1)
-            # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-            keep = (mx.cumsum(probs, axis=-1) - probs) < top_p
-            sorted_logits = mx.where(keep, sorted_logits, -mx.inf)
-            choice = mx.random.categorical(sorted_logits, axis=-1)
-            return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-        return mx.random.categorical(logits, axis=-1)
+        if top_p == 1.0 and top_k == 0 and min_p == 0.0:
+            return mx.random.categorical(logits, axis=-1)
+        order = mx.argsort(-logits, axis=-1)
+        sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(sorted_logits, axis=-1)
+        # each filter keeps the most likely token, so something is always left to sample
+        keep = (mx.cumsum(probs, axis=-1) - probs) < top_p  # smallest prefix reaching top_p
+        if top_k:
+            keep = keep & (mx.arange(logits.shape[-1]) < top_k)
+        if min_p:
+            keep = keep & (probs >= min_p * probs[:, :1])
+        choice = mx.random.categorical(mx.where(keep, sorted_logits, -mx.inf), axis=-1)
+        return mx.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
 
     return sample
 
 
-def prefill(model, ids: Sequence[int], cache: list, step: int = DEFAULT_PREFILL_STEP) -> None:
-    """Run ``ids`` through the model into ``cache``, ``step`` tokens at a time (bounded activations)."""
+def prefill(model, ids: Sequence[int], cache: list, step: int = DEFAULT_PREFILL_STEP, cancel: Any = None) -> bool:
+    """Run ``ids`` through the model into ``cache``, ``step`` tokens at a time (bounded activations).
+
+    ``cancel`` (anything with ``is_set()``) is checked before each chunk. Returns False when it
+    stopped the prefill: the cache then holds whole chunks only, ``cache[i].offset`` tokens.
+    """
     for i in range(0, len(ids), step):
+        if cancel is not None and cancel.is_set():
+            return False
         model(mx.array(ids[i : i + step])[None], cache)
         mx.eval([c.state for c in cache])
+    return True
 
 
 def stream_tokens(
@@ -79,6 +100,8 @@ def stream_tokens(
     max_tokens: int = 256,
     temp: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     stop_tokens: Sequence[int] = (),
     prefill_step: int | None = None,
@@ -92,21 +115,41 @@ def stream_tokens(
 ) -> Iterator[int]:
     """Yield generated token ids one by one (a stop token is yielded, then generation ends).
 
+    Generations on one model run one after another: the generator holds the model's lock
+    (:func:`mlx_gptoss.locking.model_lock`) from its first ``next()`` until it ends, is closed
+    or is garbage-collected; another thread's generation waits for it.
+
     Args:
         cache, cached: continue a cache that already holds ``prompt[:cached]``.
-        sampler: logits [1, V] -> token [1]; default from ``temp``/``top_p``.
-        cancel: anything with ``is_set()`` (a threading.Event); checked before each token.
+        sampler: logits [1, V] -> token [1]; default from ``temp``/``top_p``/``top_k``/``min_p``.
+            An id outside the vocabulary raises ValueError (it is never fed to the model).
+        cancel: anything with ``is_set()`` (a threading.Event); checked between prefill chunks
+            and before each token (finish reason "cancelled").
         on_fed: called with each generated token once the cache holds it.
         on_prefilled: called once the cache holds all of the prompt but its last token.
         stats: filled in as generation goes (counts, speeds, memory, finish reason).
+
+    However it ends (finished, cancelled, closed, or an error), the cache holds the first
+    ``cache[0].offset`` tokens of ``prompt`` + the generated tokens: a cancelled prefill stops
+    after a whole chunk, and the cache may hold one generated token more than was yielded
+    (the next step is queued before a token is read).
     """
-    stats = stats if stats is not None else GenerationResult()
-    n_ctx = model.config.max_position_embeddings
+    with model_lock(model):
+        yield from _stream_locked(model, prompt, max_tokens=max_tokens, seed=seed, stop_tokens=stop_tokens,
+                                  prefill_step=prefill_step, cache=cache, cached=cached,
+                                  sampler=sampler or make_sampler(temp, top_p, top_k, min_p), cancel=cancel,
+                                  on_fed=on_fed, on_prefilled=on_prefilled,
+                                  stats=stats if stats is not None else GenerationResult())  # fmt: skip
+
+
+def _stream_locked(model, prompt, *, max_tokens, seed, stop_tokens, prefill_step, cache, cached, sampler, cancel,
+                   on_fed, on_prefilled, stats) -> Iterator[int]:  # fmt: skip
+    n_ctx, vocab = model.config.max_position_embeddings, model.config.vocab_size
     if not prompt:
         raise ValueError("the prompt is empty")
-    if not 0 <= min(prompt) <= max(prompt) < model.config.vocab_size:
+    if not 0 <= min(prompt) <= max(prompt) < vocab:
         # an id outside the embedding table would read out of bounds
-        raise ValueError(f"token ids must be in 0..{model.config.vocab_size - 1} (the model's vocabulary); got {min(prompt)}..{max(prompt)}")
+        raise ValueError(f"token ids must be in 0..{vocab - 1} (the model's vocabulary); got {min(prompt)}..{max(prompt)}")
     plan = getattr(model, "memory_plan", None)
     if plan is not None:
         n_ctx = min(n_ctx, plan.context)
@@ -117,7 +160,6 @@ def stream_tokens(
         prefill_step = plan.prefill_step if plan is not None else DEFAULT_PREFILL_STEP
     if seed is not None:
         mx.random.seed(seed)
-    sampler = sampler or make_sampler(temp, top_p)
     # room for the whole generation up front: no buffer regrowth (and no recompiled decode step)
     cache = model.make_cache(reserve=len(prompt) + max_tokens) if cache is None else cache
     if not 0 <= cached < len(prompt) or any(c.offset != cached for c in cache):
@@ -131,18 +173,23 @@ def stream_tokens(
         return sampler(model(ids[None], cache)[:, -1, :])[0]
 
     t0 = time.perf_counter()
-    prefill(model, prompt[cached:-1], cache, prefill_step)
+    if not prefill(model, prompt[cached:-1], cache, prefill_step, cancel):
+        stats.finish_reason = "cancelled"
+        return
     if on_prefilled is not None:
         on_prefilled()
     y = step(mx.array(prompt[-1:]))
     mx.async_eval(y)
     t_first = None
     for n in range(max_tokens):
-        # queue the next step before reading this token, so the device never waits on Python
-        nxt = step(y[None]) if n + 1 < max_tokens else None
+        # queue the next step before reading this token, so the device never waits on Python;
+        # the id fed back is clipped into the vocabulary (a bad sampler id is rejected below)
+        nxt = step(mx.clip(y, 0, vocab - 1)[None]) if n + 1 < max_tokens else None
         if nxt is not None:
             mx.async_eval(nxt)
         token = y.item()
+        if not 0 <= token < vocab:
+            raise ValueError(f"the sampler returned token id {token}, outside the model's vocabulary of {vocab} ids (0..{vocab - 1})")
         if nxt is not None and on_fed is not None:
             on_fed(token)
         if t_first is None:
@@ -175,6 +222,8 @@ def generate(
     max_tokens: int = 256,
     temp: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     prefill_step: int | None = None,
     on_text: Callable[[str | None, str], None] | None = None,
@@ -185,14 +234,17 @@ def generate(
         prompt: a user message (rendered with harmony), raw text (``raw=True``), or token ids.
         system: instructions for the developer message (harmony).
         reasoning_effort: "low", "medium" or "high" (harmony).
-        max_tokens, temp, top_p, seed: generation length and sampling (temp 0 = greedy).
+        max_tokens, temp, top_p, top_k, min_p, seed: generation length and sampling (temp 0 =
+            greedy; see :func:`make_sampler`).
         on_text: called with (channel, text) for each new piece of text as it is generated;
             channel is "analysis"/"final"/... with harmony, None in raw mode.
 
     ``result.text`` is the final answer (harmony) or the whole continuation (raw);
-    ``result.reasoning`` the analysis channel.
+    ``result.reasoning`` the analysis channel; ``result.problems`` what was wrong with the
+    model's harmony output (the text is kept; empty when all was well).
     """
     tok = model.tokenizer
+    sampler = make_sampler(temp, top_p, top_k, min_p)  # validated before anything runs
     if isinstance(prompt, str) and not raw:
         # harmony: the same code path as chat sessions (one turn of a fresh session)
         from .chat import ChatSession, Done
@@ -200,11 +252,11 @@ def generate(
 
         channels = {ReasoningDelta: "analysis", FinalDelta: "final", CommentaryDelta: "commentary"}
         session = ChatSession(model, instructions=system, reasoning_effort=reasoning_effort)
-        for ev in session.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, seed=seed,
-                                 prefill_step=prefill_step):  # fmt: skip
+        for ev in session.stream(prompt, max_tokens=max_tokens, sampler=sampler, seed=seed, prefill_step=prefill_step):
             if isinstance(ev, Done):
                 result = ev.reply.stats
                 result.text, result.reasoning = ev.reply.final, ev.reply.reasoning
+                result.problems = list(ev.reply.problems)
                 return result
             if on_text is not None and type(ev) in channels:
                 on_text(channels[type(ev)], ev.text)
@@ -214,8 +266,8 @@ def generate(
     detok = tok.detokenizer()
     stops = set(tok.stop_tokens)
     pieces = []
-    for t in stream_tokens(model, ids, max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
-                           stop_tokens=stops, prefill_step=prefill_step, stats=result):  # fmt: skip
+    for t in stream_tokens(model, ids, max_tokens=max_tokens, sampler=sampler, seed=seed, stop_tokens=stops,
+                           prefill_step=prefill_step, stats=result):  # fmt: skip
         text = detok.add(t) if t not in stops else ""
         pieces.append(text)
         if on_text is not None and text:

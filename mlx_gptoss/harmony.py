@@ -42,13 +42,27 @@ def render_prompt(
     ``system`` becomes the developer message's instructions (harmony's place for what other chat
     formats call the system prompt); the harmony system message carries the reasoning effort.
     """
-    from openai_harmony import Conversation, DeveloperContent, Message, Role
+    from openai_harmony import DeveloperContent, Message, Role
 
     messages = [system_message(reasoning_effort, today=today)]
     if system:
         messages.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(system)))
     messages.append(Message.from_role_and_content(Role.USER, user))
-    return encoding.render_conversation_for_completion(Conversation.from_messages(messages), Role.ASSISTANT)
+    return render_for_completion(encoding, messages)
+
+
+def render_for_completion(encoding: "HarmonyEncoding", messages: list["Message"]) -> list[int]:
+    """Token ids of ``messages``, ending where the assistant's reply begins.
+
+    Raises :class:`~mlx_gptoss.tokenizer.TokenizerError` (a ValueError) when openai-harmony
+    fails on the text (it panics on some pathological input) instead of a BaseException.
+    """
+    from openai_harmony import Conversation, Role
+
+    from .tokenizer import harmony_errors
+
+    with harmony_errors("render the conversation"):
+        return encoding.render_conversation_for_completion(Conversation.from_messages(messages), Role.ASSISTANT)
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -117,13 +131,20 @@ class _Msg:
     text: str = ""
 
 
+# a real header ("<|channel|>commentary to=functions.get_weather <|constrain|>json") is ~10 tokens
+MAX_HEADER_TOKENS = 48
+
+
 @dataclass
 class HarmonyStream:
     """Turns generated tokens into :data:`Event` s with openai-harmony's streaming parser.
 
-    Never raises on bad model output: when the parser rejects a token, the text goes on as answer
-    text, the problem is recorded in :attr:`problems`, and parsing resumes at the next
-    ``<|start|>``. :attr:`messages` are the assistant messages so far (for the conversation).
+    Never raises on bad model output: the text still arrives as events and :attr:`problems`
+    says what was wrong. When the parser rejects a token, or the model writes text without a
+    channel header, the text goes on as answer text and parsing resumes at the next
+    ``<|start|>``; a ``<|start|>`` inside an open message closes that message first; tool-call
+    arguments that are not usable JSON (invalid, too deep, too large) give the call an ``error``.
+    :attr:`messages` are the assistant messages so far (for the conversation).
     """
 
     encoding: "HarmonyEncoding"
@@ -137,7 +158,8 @@ class HarmonyStream:
         self._StreamableParser, self._Role = StreamableParser, Role
         self._parser = StreamableParser(enc, Role.ASSISTANT, strict=False)
         # ids of the message-structure tokens, read from the encoding
-        self.special = {name: enc.encode(name, allowed_special="all")[0] for name in ("<|start|>", "<|end|>", "<|call|>", "<|return|>")}
+        names = ("<|start|>", "<|end|>", "<|call|>", "<|return|>", "<|message|>")
+        self.special = {name: enc.encode(name, allowed_special="all")[0] for name in names}
         self._ends = {self.special[k] for k in ("<|end|>", "<|call|>", "<|return|>")}
         self._done: list[_Msg] = []
         self._n_parsed = 0
@@ -145,6 +167,7 @@ class HarmonyStream:
         self._recovering = False
         self._utf8 = None
         self._seq = 0
+        self._next_message(after_start=False)
 
     # public ---------------------------------------------------------------------------------
 
@@ -152,25 +175,45 @@ class HarmonyStream:
         """Feed one generated token; returns the events it completes."""
         if self._recovering:
             return self._recover(token)
+        events: list[Event] = []
+        if token == self.special["<|start|>"] and self._in_content:
+            events += self._close_unended()
         try:
             self._parser.process(token)
         except Exception as e:  # noqa: BLE001 - the Rust parser raises its own error type
-            return self._fail(f"harmony parser rejected token {token}: {e}", token)
-        events: list[Event] = []
+            return events + self._fail(f"harmony parser rejected token {token}: {e}", token)
         delta = self._parser.last_content_delta
         if delta:
+            self._streamed = True
             events += self._content(self._parser.current_channel, self._parser.current_recipient, delta)
         if token in self._ends:
             events += self._message_done()
+            self._next_message(after_start=False)
+        elif token == self.special["<|start|>"]:
+            self._next_message(after_start=True)
+        elif token == self.special["<|message|>"] and not self._in_content:
+            self._in_content = True
+        elif not self._in_content:
+            self._header.append(token)
+            if len(self._header) > MAX_HEADER_TOKENS:
+                events += self._headerless()
         return events
 
     def finish(self) -> list[Event]:
         """End of generation: close a message left open (max_tokens, cancel, a stop string)."""
         events: list[Event] = []
         if not self._recovering:
-            partial = self._current_partial()
-            if partial is not None:
-                self._done.append(partial)
+            if not self._in_content and self._header and not any(map(self.encoding.is_special_token, self._header)):
+                events += self._headerless()  # plain text cut off before any <|end|>
+            else:
+                partial = self._current_partial()
+                if partial is not None:
+                    self._done.append(partial)
+        if self._recovering:
+            tail = self._utf8.decode(b"", final=True)
+            if tail:
+                self._done[-1].text += tail
+                events.append(FinalDelta(tail))
         if self._call is not None:
             events += self._complete_call(self._call, truncated=True)
         return events
@@ -181,6 +224,12 @@ class HarmonyStream:
         return list(self._done)
 
     # internals ------------------------------------------------------------------------------
+
+    def _next_message(self, *, after_start: bool) -> None:
+        self._in_content = False  # reading the header until <|message|>
+        self._header: list[int] = []
+        self._after_start = after_start  # then the header begins with the role
+        self._streamed = False  # some of the message's text went out as events
 
     def _next_id(self) -> str:
         if self.call_ids is not None:
@@ -223,6 +272,11 @@ class HarmonyStream:
                     events.append(ToolCallStarted(self._call.id, name))
                 self._call.raw_arguments = text
                 events += self._complete_call(self._call)
+            elif text and not self._streamed:
+                # the parser read it all as a header (no <|message|>): nothing went out yet
+                self._note("the model wrote text without a channel header: it was taken as the answer")
+                msg.channel = "final"
+                events.append(FinalDelta(text))
         self._n_parsed = len(msgs)
         return events
 
@@ -238,6 +292,8 @@ class HarmonyStream:
                 call.arguments = json.loads(raw)
             except json.JSONDecodeError as e:
                 call.error = f"arguments are not valid JSON: {e}"
+            except (ValueError, RecursionError) as e:  # nested too deep, a number too long, ...
+                call.error = f"arguments are not usable JSON: {type(e).__name__}: {str(e)[:200]}"
         if call.error:
             self._note(f"tool call {call.name!r}: {call.error}")
         return [ToolCallCompleted(call)]
@@ -257,9 +313,25 @@ class HarmonyStream:
         if problem not in self.problems:
             self.problems.append(problem)
 
-    def _fail(self, problem: str, token: int) -> list[Event]:
-        import codecs
+    def _close_unended(self) -> list[Event]:
+        """A ``<|start|>`` inside a message: the model left out ``<|end|>``; close the message here."""
+        self._note("a message was not closed with <|end|> before the next <|start|>: it was closed there")
+        partial = self._current_partial()
+        if partial is not None:
+            self._done.append(partial)
+        events = self._complete_call(self._call) if self._call is not None else []
+        self._parser = self._StreamableParser(self.encoding, None, strict=False)
+        self._n_parsed = 0
+        return events
 
+    def _headerless(self) -> list[Event]:
+        """The model wrote text where a header belongs: the text becomes the answer."""
+        self._note("the model wrote text without a channel header: it was taken as the answer")
+        header = self._header[1:] if self._after_start else self._header  # drop the role
+        self._start_recovery()
+        return [e for t in header for e in self._recover(t)]
+
+    def _fail(self, problem: str, token: int) -> list[Event]:
         self._note(problem)
         partial = self._current_partial()
         if partial is not None:
@@ -267,10 +339,15 @@ class HarmonyStream:
         events: list[Event] = []
         if self._call is not None:
             events += self._complete_call(self._call, truncated=True)
+        self._start_recovery()
+        return events + self._recover(token)
+
+    def _start_recovery(self) -> None:
+        import codecs
+
         self._recovering = True
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._done.append(_Msg("final", None, None, ""))
-        return events + self._recover(token)
 
     def _recover(self, token: int) -> list[Event]:
         if token == self.special["<|start|>"]:
@@ -278,6 +355,7 @@ class HarmonyStream:
             self._recovering = False
             self._parser = self._StreamableParser(self.encoding, None, strict=False)
             self._n_parsed = 0
+            self._next_message(after_start=False)
             return self.add(token)
         if token in self._ends or self.encoding.is_special_token(token):
             return []

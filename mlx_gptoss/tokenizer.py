@@ -10,9 +10,10 @@ from __future__ import annotations
 import codecs
 import os
 import threading
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
@@ -22,8 +23,30 @@ _lock = threading.Lock()
 _encodings: dict[str, "HarmonyEncoding"] = {}
 
 
-class TokenizerError(RuntimeError):
-    """The harmony vocabulary could not be found or loaded."""
+class TokenizerError(ValueError, RuntimeError):
+    """The harmony vocabulary could not be loaded, or openai-harmony failed on some text.
+
+    A ValueError (bad input) and, as before, a RuntimeError.
+    """
+
+
+@contextmanager
+def harmony_errors(what: str) -> Iterator[None]:
+    """Turn a panic inside openai-harmony's Rust code into a :class:`TokenizerError`.
+
+    pyo3's PanicException derives from BaseException, so ``except Exception`` would miss it; a
+    very long run of one character (no piece boundary) overflows harmony's regex, for example.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        reason = str(e).splitlines()[0] if str(e) else "a panic"
+        raise TokenizerError(
+            f"openai-harmony failed to {what} ({reason}); very long runs of one character without a space "
+            "or newline trigger this: break such runs up or shorten the text"
+        ) from None
 
 
 def load_harmony_encoding(vocab_dir: str | Path | None = None) -> "HarmonyEncoding":
@@ -84,12 +107,17 @@ class Tokenizer:
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Text -> ids. Special-token text (``<|start|>``) stays plain text unless ``allow_special``."""
-        if allow_special:
-            return self.encoding.encode(text, allowed_special="all")
-        return self.encoding.encode(text, disallowed_special=())
+        enc = self.encoding
+        with harmony_errors(f"encode a text of {len(text):,} characters"):
+            if allow_special:
+                return enc.encode(text, allowed_special="all")
+            return enc.encode(text, disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.encoding.decode(list(ids))
+        """Ids -> text."""
+        enc = self.encoding
+        with harmony_errors(f"decode {len(ids):,} tokens"):
+            return enc.decode(list(ids))
 
     @property
     def stop_tokens(self) -> list[int]:
