@@ -168,10 +168,14 @@ def remove_stale(dst: Path) -> list[Path]:
     # tempfile.mkdtemp names: our prefix and 8 characters, nothing else.
     pattern = re.compile(rf"^\.{re.escape(dst.name)}\.(partial|old)-[a-z0-9_]{{8}}$")
     removed = []
-    for p in dst.parent.iterdir():
-        if pattern.match(p.name) and p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-            removed.append(p)
+    stale = sorted(p for p in dst.parent.iterdir() if pattern.match(p.name) and p.is_dir() and not p.is_symlink())
+    for p in stale:
+        kept = p / dst.name
+        # killed between moving the earlier conversion aside and moving the new one in: put it back
+        if ".old-" in p.name and not (dst.exists() or dst.is_symlink()) and kept.is_dir():
+            os.replace(kept, dst)
+        shutil.rmtree(p)
+        removed.append(p)
     return removed
 
 

@@ -130,7 +130,9 @@ def original_config_to_hf(d: dict) -> dict:
     rope = {ORIGINAL_ROPE_KEYS[k]: v for k, v in d.items() if k in ORIGINAL_ROPE_KEYS}
     # openai's implementation never rounds the YaRN correction range.
     out["rope_scaling"] = {"rope_type": "yarn", "truncate": False, **rope}
-    if "initial_context_length" in d and "rope_scaling_factor" in d:
+    numbers = [d.get(k) for k in ("initial_context_length", "rope_scaling_factor")]
+    # non-numbers are left for the config check to name (it reads both again under their HF names)
+    if all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
         out["max_position_embeddings"] = int(d["initial_context_length"] * d["rope_scaling_factor"])
     out.setdefault("model_type", "gpt_oss")
     return out

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_gptoss.config import ConfigError, GptOssConfig
+from mlx_gptoss.config import ConfigError, GptOssConfig, read_json
 from mlx_gptoss.safetensors_io import SafetensorsError, TensorInfo, read_header, read_index
 
 from .layout import LAYOUTS, ORIGINAL, detect_layout, original_config_to_hf
@@ -108,11 +107,10 @@ def open_release(src: str | Path, layout: str | None = None) -> Release:
         raise ConversionError(f"{root}: tensors are in the {found} layout, not {layout}")
     cfg_path = root / "config.json"
     try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{cfg_path}: not valid JSON ({e})") from None
-    hf_style = original_config_to_hf(raw) if found == ORIGINAL else raw
-    try:
+        raw = read_json(cfg_path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{cfg_path}: must be a JSON object, found {type(raw).__name__}")
+        hf_style = original_config_to_hf(raw) if found == ORIGINAL else raw
         config = GptOssConfig.from_dict(hf_style, source=str(cfg_path))
     except ConfigError as e:
         raise ConversionError(str(e)) from None

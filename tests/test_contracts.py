@@ -301,6 +301,21 @@ def test_converter_refuses_a_bad_config_and_writes_nothing(case, releases, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("raw,phrase", [(b"\xff\xfe[]", "not UTF-8"), (b"[1]", "must be a JSON object"),
+                                        (None, "must be an integer")])  # fmt: skip
+def test_converter_refuses_a_bad_original_config(raw, phrase, releases, tmp_path):
+    src = copy(releases["original"], tmp_path)
+    cfg = next(src.rglob("config.json"))
+    if raw is None:  # a string where openai's original/config.json has a number
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "initial_context_length": "4096"}))
+    else:
+        cfg.write_bytes(raw)
+    with pytest.raises(ConversionError) as e:
+        convert(src, tmp_path / "out")
+    assert "config.json" in str(e.value) and phrase in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", ["quant_spec_int", "format_unknown_key", "int_as_string"])
 def test_loader_and_doctor_refuse_a_bad_config(case, tiny_model_dir, tmp_path):
     key, value, phrase = CONFIGS[case]

@@ -224,6 +224,18 @@ def test_sigkill_leaves_a_partial_that_the_next_run_removes(hf, tmp_path, capsys
     assert (tmp_path / "out" / "config.json").is_file() and hidden(tmp_path) == []
 
 
+def test_an_earlier_conversion_moved_aside_is_restored_after_a_kill(hf, tmp_path):
+    # killed between moving the old conversion aside and moving the new one in: DST is missing
+    convert(hf, tmp_path / "first")
+    aside = tmp_path / ".out.old-abcd1234"
+    aside.mkdir()
+    os.replace(tmp_path / "first", aside / "out")
+    (tmp_path / ".out.partial-efgh5678").mkdir()
+    r = cli("convert", hf, tmp_path / "out")  # no --force: the restored conversion must be kept
+    assert r.returncode != 0 and "already exists" in r.stderr
+    assert (tmp_path / "out" / "config.json").is_file() and hidden(tmp_path) == []
+
+
 def test_partials_of_other_destinations_are_kept(hf, tmp_path):
     other = tmp_path / ".out2.partial-abcd1234"
     other.mkdir()
