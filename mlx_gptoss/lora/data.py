@@ -329,6 +329,9 @@ def _tools(record: dict, where: str) -> dict:
         raise DataError(f"{where}: field tools: must be a list of function schemas")
     tools = {}
     for i, spec in enumerate(specs):
+        fn = spec.get("function", spec) if isinstance(spec, dict) else None
+        if isinstance(fn, dict) and not isinstance(fn.get("parameters") or {}, dict):
+            raise DataError(f"{where}: field tools[{i}].parameters: must be a JSON schema object")
         try:
             tool = as_tool(spec)
         except (ValueError, TypeError) as e:
