@@ -14,6 +14,7 @@ import pytest
 
 import mlx_gptoss
 from mlx_gptoss import memory
+from mlx_gptoss.config import GptOssConfig
 from mlx_gptoss.generate import prefill, stream_tokens
 from mlx_gptoss.loader import LoadError
 from mlx_gptoss.memory import budget_for_slots, read_tensors
@@ -90,7 +91,8 @@ def test_a_failed_expert_read_names_it_and_leaves_the_model_usable(tiny_model_di
         return pread(fd, n, offset)
 
     monkeypatch.setattr(os, "pread", flaky)
-    with pytest.raises(ExpertReadError, match=r"model-00001-of-00001\.safetensors: reading expert \d of layer \d failed: Input/output error"):
+    named = r"model-00001-of-00001\.safetensors: reading expert \d of layer \d failed: Input/output error"
+    with pytest.raises(ExpertReadError, match=named):
         list(stream_tokens(small, PROMPTS[0], max_tokens=8))
     monkeypatch.undo()
     for _ in range(2):
@@ -155,3 +157,47 @@ def test_a_prefill_in_one_thread_leaves_nothing_lazy_for_another(tiny_model_dir,
     t.start()
     t.join()
     assert [list(stream_tokens(small, p, max_tokens=8)) for p in PROMPTS] == want
+
+
+def test_two_chat_sessions_in_two_threads_on_one_budgeted_model(vocab_model_dir):
+    cfg = GptOssConfig.from_file(vocab_model_dir / "config.json")
+    budget = budget_for_slots(cfg, read_tensors(vocab_model_dir), 4, context=512)
+    model = mlx_gptoss.load(vocab_model_dir, memory_budget=budget, context=512)
+    questions = (("hello", "and then?"), ("what is 2+2?", "why?"))
+
+    def converse(session, qs) -> list[list[int]]:
+        return [session.send(q, max_tokens=6).stats.tokens for q in qs]
+
+    want = [converse(model.chat(), qs) for qs in questions]
+    sessions = [model.chat() for _ in questions]  # created here: the weights are read in this thread
+    got: list = [None, None]
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, converse(sessions[i], questions[i]))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == want
+    assert converse(model.chat(), questions[0]) == want[0]  # the model still works in this thread
+
+
+def test_streamed_layers_interleaved_by_two_threads_stay_exact(tiny_model_dir, want):
+    # the model called directly (a caller's own loop, no generation lock): the streamed layers
+    # serialise their slot changes themselves, and their slots hold no lazy writes between calls
+    small = _budgeted(tiny_model_dir)
+    mx.eval(small.parameters())
+
+    def greedy(prompt: list[int]) -> list[int]:
+        cache, out = small.make_cache(), []
+        logits = small(mx.array([prompt]), cache)
+        for _ in range(8):
+            out.append(mx.argmax(logits[0, -1]).item())
+            logits = small(mx.array([[out[-1]]]), cache)
+        return out
+
+    got: list = [[], []]
+    threads = [threading.Thread(target=lambda i=i: got[i].extend(greedy(PROMPTS[i]) for _ in range(3))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [[want[0]] * 3, [want[1]] * 3]
