@@ -49,7 +49,8 @@ class HostEmbedding:
     """The embedding table read from the checkpoint file through a memory map.
 
     A token's lookup touches one row, so the 0.3-1.2 GB table need not sit in MLX (GPU) memory:
-    rows are gathered on the host and only they become MLX arrays.
+    rows are gathered on the host and only they become MLX arrays. The map is taken here, at load:
+    a file renamed over the checkpoint's later (``convert --force``) does not reach it.
     """
 
     def __init__(self, tensors: dict, dtype: mx.Dtype, spec: QuantSpec | None):

@@ -5,6 +5,9 @@ experts it needs that are not resident are read from the safetensors file by off
 load) into slots, least recently used first; the dispatch kernels then run unchanged on slot
 ids. While a layer computes, a background thread reads the experts the next layer's router is
 likely to pick (predicted from this layer's input), so the read often overlaps compute.
+A failed read raises :class:`ExpertReadError` (file, layer, expert) and leaves every slot as it
+was; slot writes are evaluated before a layer returns and slot changes happen under one lock,
+so no lazy MLX state outlives a call and several threads may use the model.
 Shape legend: N tokens, K experts per token, S slots, H hidden, I intermediate.
 """
 
