@@ -101,3 +101,41 @@ def test_top_p_keeps_the_nucleus():
     sample = make_sampler(temp=1.0, top_p=0.99)
     assert {int(sample(logits)[0]) for _ in range(300)} >= {1, 2}
     assert int(make_sampler(0.0)(logits)[0]) == 1
+
+
+def test_top_k_one_is_greedy():
+    logits = mx.random.normal((64, 1000), key=mx.random.key(0)) * 3
+    mx.random.seed(1)
+    assert mx.array_equal(make_sampler(temp=2.0, top_k=1)(logits), mx.argmax(logits, axis=-1)).item()
+
+
+def test_top_k_and_min_p_keep_only_the_likely_tokens():
+    probs = mx.array([[0.05, 0.5, 0.3, 0.15]])  # token 1 most likely
+    logits = mx.log(probs)
+    mx.random.seed(0)
+
+    def drawn(**kw) -> set[int]:
+        sample = make_sampler(temp=1.0, **kw)
+        return {int(sample(logits)[0]) for _ in range(400)}
+
+    assert drawn() == {0, 1, 2, 3}
+    assert drawn(top_k=2) == {1, 2}
+    assert drawn(min_p=0.2) == {1, 2, 3}  # 0.05 < 0.2 * 0.5
+    assert drawn(min_p=0.7) == {1}  # 0.3 < 0.35
+    assert drawn(top_k=3, min_p=0.4) == {1, 2}  # every filter applies
+    assert drawn(top_k=10_000) == {0, 1, 2, 3}  # k beyond the vocabulary keeps all
+
+
+@pytest.mark.parametrize("kw, msg", [({"top_k": -1}, "top_k"), ({"top_k": 1.5}, "top_k"), ({"top_k": True}, "top_k"),
+                                     ({"min_p": 1.0}, "min_p"), ({"min_p": -0.1}, "min_p")])  # fmt: skip
+def test_sampling_options_are_validated(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        make_sampler(temp=1.0, **kw)
+
+
+def test_generate_passes_top_k_and_min_p(model):
+    greedy = mlx_gptoss.generate(model, [1, 2, 3], max_tokens=5)
+    assert mlx_gptoss.generate(model, [1, 2, 3], max_tokens=5, temp=1.5, top_k=1, seed=0).tokens == greedy.tokens
+    assert mlx_gptoss.generate(model, [1, 2, 3], max_tokens=5, temp=1.5, min_p=0.999, seed=0).tokens == greedy.tokens
+    with pytest.raises(ValueError, match="min_p"):
+        mlx_gptoss.generate(model, [1, 2, 3], max_tokens=5, min_p=2)

@@ -127,3 +127,51 @@ def test_streaming_detokenizer_holds_partial_utf8(tok):
     d = tok.detokenizer()
     text = "".join(d.add(t) for t in ids) + d.flush()
     assert text == "héllo ✓ 日本語"
+
+
+# -- the never-raises promise under hostile output ------------------------------------------------
+
+
+@pytest.mark.parametrize("arguments, why", [("[" * 5000 + "]" * 5000, "RecursionError"),
+                                            ('{"n": ' + "9" * 5000 + "}", "integer string conversion")])  # fmt: skip
+def test_unusable_tool_arguments_are_an_error_not_an_exception(tok, arguments, why):
+    events, stream = run(tok, f"<|channel|>commentary to=functions.f <|constrain|>json<|message|>{arguments}<|call|>")
+    (call,) = [e.call for e in events if isinstance(e, ToolCallCompleted)]
+    assert call.arguments is None and why in call.error and call.raw_arguments == arguments
+    assert any(why in p for p in stream.problems)
+
+
+@pytest.mark.parametrize("end", ["<|return|>", ""])  # ended by the model, or cut off by max_tokens
+def test_text_without_a_channel_header_is_the_answer(tok, end):
+    events, stream = run(tok, f"Plain text, no header.{end}")
+    assert texts(events, FinalDelta) == "Plain text, no header."
+    assert [(m.channel, m.text) for m in stream.messages] == [("final", "Plain text, no header.")]
+    assert any("without a channel header" in p for p in stream.problems)
+
+
+def test_long_headerless_text_streams_before_the_end(tok):
+    text = " ".join(["word"] * 100)
+    stream = HarmonyStream(tok.encoding)
+    streamed = "".join(e.text for t in tok.encode(text) for e in stream.add(t) if isinstance(e, FinalDelta))
+    assert streamed == text and stream.problems  # all of it arrived while generating, not at finish
+
+
+def test_a_missing_end_before_start_does_not_swallow_the_answer(tok):
+    events, stream = run(tok, "<|channel|>analysis<|message|>Thinking.<|start|>assistant<|channel|>final<|message|>Answer.<|return|>")
+    assert texts(events, ReasoningDelta) == "Thinking." and texts(events, FinalDelta) == "Answer."
+    assert [(m.channel, m.text) for m in stream.messages] == [("analysis", "Thinking."), ("final", "Answer.")]
+    assert any("<|end|>" in p for p in stream.problems)
+
+
+def test_a_tool_call_missing_its_end_is_still_completed(tok):
+    events, stream = run(tok, '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}'
+                              "<|start|>assistant<|channel|>final<|message|>Done.<|return|>")  # fmt: skip
+    (call,) = [e.call for e in events if isinstance(e, ToolCallCompleted)]
+    assert call.arguments == {"a": 1} and texts(events, FinalDelta) == "Done." and stream.problems
+
+
+def test_render_turns_a_tokenizer_panic_into_a_tokenizer_error(tok):
+    from mlx_gptoss.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="render the conversation"):
+        render_prompt(tok.encoding, "a" * 1_000_000)
