@@ -225,13 +225,14 @@ def test_no_target_and_overlong_examples_are_skipped(tmp_path, enc):
     only_call = {"tools": [WEATHER], "messages": [{"role": "user", "content": "Weather?"},
                  {"role": "assistant", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "X"}}}]}]}  # fmt: skip
     long = {"prompt": "word " * 300, "completion": "short"}
-    path = write(tmp_path, {"messages": [{"role": "user", "content": "nobody answers"}]}, only_call, long, {"prompt": "p", "completion": "c"})
+    nobody = {"messages": [{"role": "user", "content": "nobody answers"}]}
+    path = write(tmp_path, nobody, only_call, long, {"prompt": "p", "completion": "c"})
     ds = load_dataset(path, enc, train_on="final", max_seq_len=256)
     assert [x.line for x in ds.examples] == [4]
-    assert [(k.line, k.reason.split(":")[0]) for k in ds.skipped] == [(2, "no token to train (train_on=final)"),
-                                                                      (3, f"{len(record_examples(long, enc)[0].ids)} tokens, longer than max_seq_len=256")]  # fmt: skip
-    # the user-only line has no assistant turn at all: no sequence, nothing trained
-    assert all(x.n_trained for x in ds.examples) and "2 skipped" in ds.summary()
+    n_long = len(record_examples(long, enc)[0].ids)
+    assert [(k.line, k.reason.split(":")[0]) for k in ds.skipped] == [
+        (1, "no token to train"), (2, "no token to train (train_on=final)"), (3, f"{n_long} tokens, longer than max_seq_len=256")]
+    assert all(x.n_trained for x in ds.examples) and "3 skipped" in ds.summary()
     # the call is trained with train_on="assistant"
     assert [x.line for x in load_dataset(path, enc, train_on="assistant", max_seq_len=256).examples] == [2, 4]
 

@@ -158,8 +158,11 @@ def load_dataset(
             record = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        for ex in record_examples(record, encoding, train_on=train_on, reasoning_effort=reasoning_effort, today=today,
-                                  line=n, where=where):  # fmt: skip
+        found = record_examples(record, encoding, train_on=train_on, reasoning_effort=reasoning_effort, today=today,
+                                line=n, where=where)  # fmt: skip
+        if not found:
+            skipped.append(Skipped(n, "no token to train: no assistant turn ending in a final answer or a tool call"))
+        for ex in found:
             kept = _fit(ex, max_seq_len, overflow, train_on)
             if isinstance(kept, str):
                 skipped.append(Skipped(n, kept))
