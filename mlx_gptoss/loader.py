@@ -6,7 +6,6 @@ the safetensors headers only.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .config import GptOssConfig
+from .config import GptOssConfig, read_json
 from .safetensors_io import SafetensorsError, read_header, read_index
 from .tokenizer import Tokenizer
 
@@ -80,6 +79,7 @@ def _format_check(path: Path, raw: Any) -> None:
 
 
 def _shards(path: Path) -> list[Path]:
+    """The shard files of a converted checkpoint: those its index lists, else every *.safetensors."""
     index = path / INDEX
     if index.is_file():
         try:
@@ -87,7 +87,6 @@ def _shards(path: Path) -> list[Path]:
         except SafetensorsError as e:
             raise LoadError(str(e)) from None
         files = [path / n for n in names]
-    """The shard files of a converted checkpoint: those its index lists, else every *.safetensors."""
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise LoadError(f"{path}: missing shard(s) {', '.join(missing)} listed in {INDEX}")
@@ -170,10 +169,7 @@ def load(
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise LoadError(f"{path}: no config.json")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise LoadError(f"{cfg_path}: not valid JSON ({e})") from None
+    raw = read_json(cfg_path)
     _format_check(path, raw)
     config = GptOssConfig.from_dict(raw, source=str(cfg_path))
     model = GptOss(config)

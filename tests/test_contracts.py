@@ -327,6 +327,14 @@ def test_loader_and_doctor_refuse_a_bad_config(case, tiny_model_dir, tmp_path):
     assert_clean_failure(doctor(m), "config.json", phrase)
 
 
+def test_loader_and_doctor_refuse_a_config_that_is_not_utf8(tiny_model_dir, tmp_path):
+    m = copy(tiny_model_dir, tmp_path, "m")
+    (m / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        mlx_gptoss.load(m)
+    assert_clean_failure(doctor(m), "config.json", "not UTF-8")
+
+
 # -- doctor on an unconverted release ----------------------------------------------------------
 
 
