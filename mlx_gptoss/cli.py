@@ -198,5 +198,156 @@ def doctor(model: str | None, context: int) -> None:
         raise _Fail(str(e)) from None
 
 
+@main.group()
+def lora() -> None:
+    """LoRA fine-tuning: train adapters for a model on your own data."""
+
+
+def _parse_layers(text: str, num_layers: int) -> tuple[int, ...] | None:
+    """--layers: "all", "last:N", or a comma list of layer indices."""
+    from mlx_gptoss.lora.adapters import last_layers
+
+    text = text.strip()
+    if text == "all":
+        return None
+    try:
+        n = int(text[5:]) if text.startswith("last:") else None
+        ids = tuple(int(t) for t in text.split(",")) if n is None else None
+    except ValueError:
+        raise ValueError(f'--layers: expected "all", "last:N" or indices like 0,1,2, got {text!r}') from None
+    return last_layers(n, num_layers) if n is not None else ids
+
+
+@lora.command("train")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Training data: JSON lines (chats, harmony conversations, prompt/completion, text).")
+@click.option("--valid", default=None, type=click.Path(dir_okay=False), help="Validation data, same formats.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="The adapter folder; it also holds the checkpoints and metrics.")
+@click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--alpha", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="The update is scaled by alpha / rank.")
+@click.option("--targets", default="attention", show_default=True, help="Comma list of attention, router, experts.")
+@click.option("--layers", default="all", show_default=True, help='"all", "last:N" or layer indices like 0,1,2.')
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--warmup", default=None, type=click.IntRange(min=0), help="Warm-up steps (default: 10%% of the run, at most 100).")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--iters", default=None, type=click.IntRange(min=1), help="Optimizer steps (or --epochs; default 1 epoch).")
+@click.option("--epochs", default=None, type=click.IntRange(min=1), help="Passes over the training data.")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per step.")
+@click.option("--max-seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
+@click.option("--train-on", type=click.Choice(["final", "assistant"]), default="final", show_default=True,
+              help="Train the final answers only, or everything the assistant writes (reasoning, tool calls, final).")
+@click.option("--overflow", type=click.Choice(["skip", "truncate"]), default="skip", show_default=True,
+              help="What to do with an example longer than --max-seq-len.")
+@click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
+@click.option("--save-every", default=100, show_default=True, type=click.IntRange(min=0), help="Checkpoint every N steps (0: at the end).")
+@click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=0), help="Validation loss every N steps (0: at the end).")
+@click.option("--eval-batches", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option("--resume", is_flag=True, help="Continue the run saved in the output folder (its adapter options are kept).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--metrics", default=None, type=click.Path(dir_okay=False), help="JSON lines of metrics (default: OUTPUT/metrics.jsonl).")
+@click.option("--plot", is_flag=True, help="Draw the loss curve into OUTPUT/loss.png (needs matplotlib).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def lora_train(model: str, data: str, valid: str | None, output: str, rank: int, alpha: float, targets: str, layers: str,
+               lr: float, warmup: int | None, schedule: str, iters: int | None, epochs: int | None, batch_size: int,
+               grad_accum: int, max_seq_len: int, train_on: str, overflow: str, memory_budget: str | None,
+               save_every: int, eval_every: int, eval_batches: int, resume: bool, seed: int, metrics: str | None,
+               plot: bool, progress: bool | None) -> None:  # fmt: skip
+    """Train a LoRA adapter on --data into OUTPUT (Ctrl-C saves a checkpoint; --resume continues)."""
+    import shlex
+    import signal
+    import threading
+    from pathlib import Path
+
+    from mlx_gptoss.loader import load
+    from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
+    from mlx_gptoss.lora.checkpoint import latest_checkpoint, resume_state
+    from mlx_gptoss.lora.data import load_dataset
+    from mlx_gptoss.lora.plot import plot_metrics, require_matplotlib
+    from mlx_gptoss.lora.train import TrainConfig, train
+    from mlx_gptoss.tokenizer import TokenizerError
+    from tqdm import tqdm
+
+    out = Path(output).expanduser()
+    cfg = TrainConfig(out, iterations=iters, epochs=epochs, batch_size=batch_size, grad_accumulation=grad_accum,
+                      learning_rate=lr, schedule=schedule, warmup=warmup, seed=seed, max_seq_len=max_seq_len,
+                      save_every=save_every, eval_every=eval_every, eval_batches=eval_batches, metrics_file=metrics)  # fmt: skip
+    try:
+        cfg.validate()
+        if plot:
+            require_matplotlib()
+        saved_spec = resume_state(out)["spec"] if resume else None
+        if not resume and latest_checkpoint(out) is not None:  # before the model loads: fail fast
+            raise ValueError(f"{out} holds a training checkpoint: add --resume, or train into another folder")
+        for path in (data, valid):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{path}: no such file")
+        lm = load(model, memory_budget=memory_budget, context=max_seq_len, verbose=memory_budget is not None)
+        if lm.tokenizer is None:
+            raise ValueError(f"{model}: no tokenizer next to the weights; training data cannot be tokenized")
+        if saved_spec is not None:
+            spec = LoRASpec.from_dict(saved_spec)
+        else:
+            spec = LoRASpec(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
+                            layers=_parse_layers(layers, lm.config.num_hidden_layers))  # fmt: skip
+        opts = {"train_on": train_on, "max_seq_len": max_seq_len, "overflow": overflow}
+        train_ds = load_dataset(data, lm.tokenizer.encoding, **opts)
+        click.echo(train_ds.summary(), err=True)
+        valid_ds = None
+        if valid is not None:
+            valid_ds = load_dataset(valid, lm.tokenizer.encoding, **opts)
+            click.echo(valid_ds.summary(), err=True)
+        if not train_ds.examples:
+            raise ValueError(f"{data}: no example left to train on")
+        apply_lora(lm, spec, seed=seed)
+    except (ValueError, OSError, TokenizerError, NotImplementedError) as e:
+        raise _Fail(str(e)) from None
+    click.echo(f"LoRA rank {spec.rank}, alpha {spec.alpha:g} on {', '.join(spec.targets)}, "
+               f"layers {'all' if spec.layers is None else ','.join(map(str, spec.layers))}", err=True)  # fmt: skip
+
+    cancel = threading.Event()
+
+    def on_sigint(signum, frame) -> None:  # noqa: ANN001
+        if cancel.is_set():  # a second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        cancel.set()
+        click.echo("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", err=True)
+
+    bar = tqdm(total=cfg.total_steps(len(train_ds.examples)), unit="step", file=sys.stderr, dynamic_ncols=True,
+               disable=not (sys.stderr.isatty() if progress is None else progress))  # fmt: skip
+
+    def on_progress(p) -> None:  # noqa: ANN001
+        if p.kind == "eval":
+            if p.val_loss is not None:
+                bar.write(f"step {p.step}: validation loss {p.val_loss:.4f}", file=sys.stderr)
+            return
+        bar.update(p.step - bar.n)
+        loss = "skipped" if p.loss is None else f"{p.loss:.4f}"
+        bar.set_postfix_str(f"loss {loss}, {p.tokens_per_s:.0f} tok/s, peak {p.peak_memory_gb:.2f} GB", refresh=False)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(lm, train_ds, valid_ds, cfg, spec=spec, on_progress=on_progress, cancel=cancel, resume=resume)
+    except (ValueError, OSError) as e:
+        raise _Fail(str(e)) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    val = "" if result.val_loss is None else f", validation loss {result.val_loss:.4f}"
+    last = "n/a" if result.final_loss is None else f"{result.final_loss:.4f}"
+    click.echo(f"{result.status} at step {result.steps}/{result.total_steps}: loss {last}{val}, "
+               f"{result.trained_tokens:,} trained tokens in {result.elapsed_s:.1f} s, "
+               f"peak memory {result.peak_memory_gb:.2f} GB; adapter in {out}", err=True)  # fmt: skip
+    if result.status == "cancelled":
+        args = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        click.echo(f"checkpoint saved; resume with: {shlex.join(['mlx-gptoss', *args])}", err=True)
+    if plot:
+        click.echo(f"loss curve: {plot_metrics(cfg.metrics_path, out / 'loss.png')}", err=True)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

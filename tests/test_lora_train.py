@@ -199,7 +199,7 @@ def test_cancel_from_another_thread_saves_a_checkpoint_and_resume_finishes(model
     result = train(model, EXAMPLES, None, cfg, cancel=cancel, on_progress=on_progress)
     assert (result.status, result.steps) == ("cancelled", 2)
     assert json.loads((latest_checkpoint(tmp_path / "run") / "state.json").read_text())["step"] == 2
-    assert not (tmp_path / "run" / "trainable.safetensors").exists()  # the final adapter comes at the end
+    assert (tmp_path / "run" / "trainable.safetensors").is_file()  # what was trained so far
     with pytest.raises(CheckpointError, match="resume"):
         train(model, EXAMPLES, None, cfg)  # a fresh run would overwrite the checkpoint
     result = train(model, EXAMPLES, None, cfg, resume=True)
@@ -260,3 +260,62 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert TrainConfig("x").warmup_steps(50) == 5 and TrainConfig("x").warmup_steps(5000) == 100
     flat = TrainConfig("x", schedule="constant", warmup=0)
     assert {flat.lr_at(s, 10) for s in range(10)} == {1e-4}
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    rows = [{"prompt": "What is 2+2?", "completion": "4"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, "lora", "train", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_bad_options_and_data_are_one_line_errors(vocab_model_dir, chats, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "completion": "y"}\n{"prompt": 1, "completion": "y"}\n')
+    m, out = str(vocab_model_dir), str(tmp_path / "out")
+    cases = [
+        (["-m", str(tmp_path / "nope"), "--data", str(chats), "-o", out], "nope"),
+        (["-m", m, "--data", str(bad), "-o", out], f"{bad}:2: field prompt"),
+        (["-m", m, "--data", str(tmp_path / "missing.jsonl"), "-o", out], "missing.jsonl: no such file"),
+        (["-m", m, "--data", str(chats), "-o", out, "--layers", "last:x"], "--layers"),
+        (["-m", m, "--data", str(chats), "-o", out, "--layers", "9"], "layers [9] do not exist"),
+        (["-m", m, "--data", str(chats), "-o", out, "--targets", "attention,mlp"], "targets"),
+        (["-m", m, "--data", str(chats), "-o", out, "--iters", "2", "--epochs", "1"], "not both"),
+        (["-m", m, "--data", str(chats), "-o", out, "--resume"], "no checkpoint to resume from"),
+    ]
+    for args, msg in cases:
+        r = _cli(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        assert "Traceback" not in r.stderr and msg in r.stderr, (args, r.stderr)
+        assert r.stderr.strip().splitlines()[-1].startswith("Error: "), (args, r.stderr)
+
+
+def test_cli_ctrl_c_saves_a_checkpoint_and_resume_completes(vocab_model_dir, chats, tmp_path):
+    out = tmp_path / "adapter"
+    args = ["-m", str(vocab_model_dir), "--data", str(chats), "--valid", str(chats), "-o", str(out),
+            "--targets", "attention,experts", "--layers", "last:1", "--save-every", "1000", "--eval-every", "0"]  # fmt: skip
+    proc = subprocess.Popen([*CLI, "lora", "train", *args, "--iters", "400"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "sequences from 2 lines" in err  # the data summary comes first
+    assert "cancelled at step" in err and "--resume" in err.splitlines()[-1]
+    assert latest_checkpoint(out) is not None and (out / "adapter_config.json").is_file()
+    stopped = int(err.split("cancelled at step ")[1].split("/")[0])
+    total = stopped + 2
+    r = _cli(*args, "--iters", str(total), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"completed at step {total}/{total}" in r.stderr and "validation loss" in r.stderr
+    rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows if x["kind"] == "train"] == list(range(1, total + 1))
+    assert json.loads((out / "adapter_config.json").read_text())["targets"] == ["attention", "experts"]

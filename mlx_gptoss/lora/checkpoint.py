@@ -106,3 +106,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
     return Checkpoint(trainable, optimizer, state)
+
+
+def resume_state(out_dir: Path) -> dict[str, Any]:
+    """``state.json`` of the latest checkpoint in ``out_dir`` (the run's options and adapter spec)."""
+    path = latest_checkpoint(out_dir)
+    if path is None:
+        raise CheckpointError(f"{out_dir}: no checkpoint to resume from")
+    try:
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -340,10 +342,11 @@ def train(
         train_ds / valid_ds: datasets from :func:`~.data.load_dataset` (anything with
             ``.examples`` of ``Example(ids, targets, line)``), or plain lists of examples.
         cfg: the :class:`TrainConfig` (``output_dir`` is required).
-        spec: the :class:`~.adapters.LoRASpec` applied; with it the final adapter is written with
-            :func:`~.io.save_adapter` into ``cfg.output_dir``, without it the trainable weights
-            go to ``output_dir/trainable.safetensors``.
-        base_fingerprint: the base model's fingerprint recorded in the adapter (see ``io.py``).
+        spec: the :class:`~.adapters.LoRASpec` applied; with it the adapter is written with
+            :func:`~.io.save_adapter` into ``cfg.output_dir`` at the end (and on cancel), without
+            it the trainable weights go to ``output_dir/trainable.safetensors``.
+        base_fingerprint: the base model's fingerprint recorded in the adapter (default:
+            :func:`~.io.base_fingerprint` of ``model``).
         on_progress: called with a :class:`TrainProgress` after each step and each evaluation.
         cancel: set it (from any thread) to stop after the current step; a checkpoint is saved
             and the result's status is "cancelled".
@@ -395,7 +398,7 @@ def train(
         trained_tokens, skipped_steps = ck.state["trained_tokens"], ck.state["skipped_steps"]
         metrics_offset = ck.state["metrics_offset"]
     elif ckpt_dir is not None:
-        raise CheckpointError(f"{out} holds a training checkpoint: resume it, or train into another folder")
+        raise CheckpointError(f"{out} holds a training checkpoint: resume it, or train into another (or an emptied) folder")
 
     metrics_path = cfg.metrics_path
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -410,7 +413,7 @@ def train(
     def checkpoint() -> Path:
         state = {"step": step, "micro": micro, "trained_tokens": trained_tokens, "skipped_steps": skipped_steps,
                  "metrics_offset": metrics.tell(), "run": run_key, "config": _jsonable(asdict(cfg)),
-                 "spec": _jsonable(asdict(spec)) if spec is not None and hasattr(spec, "__dataclass_fields__") else None}  # fmt: skip
+                 "spec": spec.to_dict() if spec is not None else None}  # fmt: skip
         opt_state = dict(tree_flatten(opt.state))
         return save_checkpoint(out, Checkpoint(dict(tree_flatten(model.trainable_parameters())), opt_state, state))
 
@@ -478,8 +481,7 @@ def train(
         if result.status == "completed" and valid_ex:
             result.val_loss = _eval_and_report(model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result)
         result.checkpoint = checkpoint()
-        if result.status == "completed":
-            _save_final(model, spec, out, base_fingerprint)
+        _save_final(model, spec, out, base_fingerprint)  # also when cancelled: what was trained so far
     finally:
         metrics.close()
         model.eval()
@@ -510,10 +512,16 @@ def _save_final(model: nn.Module, spec: Any, out: Path, base_fingerprint: str | 
     if spec is None:
         mx.save_safetensors(str(out / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         return
-    from .io import save_adapter
+    from .io import CONFIG, WEIGHTS, base_fingerprint as fingerprint, save_adapter
 
-    save_adapter(model, spec, out, base_fingerprint=base_fingerprint)
+    # save_adapter replaces a whole folder, and ``out`` also holds the checkpoints and metrics:
+    # write the adapter beside them, then move its files in (each atomically, the config last)
+    tmp = out / ".adapter.tmp"
+    save_adapter(model, spec, tmp, base_fingerprint=base_fingerprint or fingerprint(model))
+    for name in (WEIGHTS, CONFIG):
+        os.replace(tmp / name, out / name)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _jsonable(d: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
