@@ -76,16 +76,19 @@ class MoE(nn.Module):
         # gate_up keeps the released interleaving: row 2j is gate j, row 2j+1 is up j.
         self.gate_up = MXFP4Experts(E, H, 2 * I)
         self.down = MXFP4Experts(E, I, H)
+        # the adapters' seam: a module whose delta() is a kernels.ExpertsDelta for the routed experts
+        self.experts_lora: nn.Module | None = None
 
     def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         """The routed experts' sum for x [..., H], plus ``residual`` when given (fused on GPUs)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         indices, weights = kernels.route_topk_softmax(self.router(x), self.k)
-        g, d = self.gate_up, self.down
+        g, d, lora = self.gate_up, self.down, self.experts_lora
         y = kernels.moe_mxfp4_swiglu(
             x, indices, weights, g.weight, g.scales, g.bias, d.weight, d.scales, d.bias,
             limit=self.limit, alpha=self.alpha, residual=None if residual is None else residual.reshape(x.shape),
+            delta=None if lora is None else lora.delta(),
         )  # fmt: skip
         return y.reshape(shape)
 

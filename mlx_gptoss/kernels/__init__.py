@@ -72,26 +72,43 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
 
 
 def moe_mxfp4_swiglu(
-    x: mx.array, indices: mx.array, weights: mx.array, *args: mx.array, limit: float, alpha: float, residual: mx.array | None = None
+    x: mx.array,
+    indices: mx.array,
+    weights: mx.array,
+    *args: mx.array,
+    limit: float,
+    alpha: float,
+    residual: mx.array | None = None,
+    delta: ops.ExpertsDelta | None = None,
 ) -> mx.array:
-    """Σ_k weight_k · expert_k(x) (+ residual) for MXFP4 experts; see :func:`.ops.moe_mxfp4_swiglu`."""
+    """Σ_k weight_k · expert_k(x) (+ residual) for MXFP4 experts; see :func:`.ops.moe_mxfp4_swiglu`.
+
+    With a low-rank ``delta`` (adapters), every backend runs the split path of the twin: the base
+    gate_up pre-activation through ``gather_qmm`` plus the update for the routed experts, then the
+    SwiGLU, then down likewise. The custom GPU kernels fuse the SwiGLU into the gate_up matmul, so
+    they cannot take the update; ``gather_qmm`` is the GPU's prefill path already.
+    """
     b = backend()
-    if b != "twin" and x.shape[0] <= DECODE_MAX_TOKENS:
+    if b != "twin" and x.shape[0] <= DECODE_MAX_TOKENS and delta is None:
         gw, gs, gb, dw, ds, db = args
         act = gpu.mxfp4_gate_up_swiglu(x, indices, gw, gs, gb, limit=limit, alpha=alpha, dialect=b)
         return gpu.mxfp4_down_combine(act, indices, weights, dw, ds, db, residual, out_dtype=x.dtype, dialect=b)
     if _on_cpu() and x.dtype != mx.float32:
-        y = ops.moe_mxfp4_swiglu(x.astype(mx.float32), indices, weights, *args, limit=limit, alpha=alpha).astype(x.dtype)
+        y = ops.moe_mxfp4_swiglu(x.astype(mx.float32), indices, weights, *args, limit=limit, alpha=alpha, delta=delta)
+        y = y.astype(x.dtype)
     else:
-        y = ops.moe_mxfp4_swiglu(x, indices, weights, *args, limit=limit, alpha=alpha)
+        y = ops.moe_mxfp4_swiglu(x, indices, weights, *args, limit=limit, alpha=alpha, delta=delta)
     return y if residual is None else residual + y
 
 
-def moe_mxfp4_pairs(x: mx.array, indices: mx.array, *args: mx.array, limit: float, alpha: float) -> mx.array:
+def moe_mxfp4_pairs(
+    x: mx.array, indices: mx.array, *args: mx.array, limit: float, alpha: float, delta: ops.ExpertsDelta | None = None
+) -> mx.array:
     """Each selected expert's unweighted output [N, K, H]; see :func:`.ops.moe_mxfp4_pairs`."""
     if _on_cpu() and x.dtype != mx.float32:
-        return ops.moe_mxfp4_pairs(x.astype(mx.float32), indices, *args, limit=limit, alpha=alpha)
-    return ops.moe_mxfp4_pairs(x, indices, *args, limit=limit, alpha=alpha)
+        x = x.astype(mx.float32)
+    return ops.moe_mxfp4_pairs(x, indices, *args, limit=limit, alpha=alpha, delta=delta)
 
 
 combine_experts = ops.combine_experts
+ExpertsDelta = ops.ExpertsDelta
