@@ -1,0 +1,200 @@
+"""Our adapter folder: ``adapters.safetensors`` (contract names, float32) + ``adapter_config.json``.
+
+``adapter_config.json``::
+
+    {"format": "mlx-gptoss-lora", "version": 1, "rank": 8, "alpha": 16.0, "targets": [...],
+     "layers": null | [...], "rslora": false, "dropout": 0.0,
+     "base_model": {"fingerprint": "sha256:...", "name": "..."}, "extra": {...}}
+
+A folder is written whole or not at all (a temporary sibling renamed into place), and an adapter
+is loaded only onto the base model it was trained on (:func:`base_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import GptOssConfig
+from ..safetensors_io import SafetensorsError, fsync_dir, read_header
+from .adapters import LoRAError, LoRALinear, LoRASpec, apply_lora, lora_parameters, remove_lora, set_lora_parameters
+
+FORMAT, VERSION = "mlx-gptoss-lora", 1
+WEIGHTS, CONFIG = "adapters.safetensors", "adapter_config.json"
+
+# The architecture fields that shape the weights; quantization is left out on purpose (an adapter
+# trained on the 8-bit attention of the 16 GB preset fits the same base in bf16).
+_ARCH_FIELDS = (
+    "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "vocab_size", "hidden_size",
+    "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads", "sliding_window", "layer_types",
+)  # fmt: skip
+_FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+
+
+def base_fingerprint(model_or_path: Any) -> str:
+    """A stable id of a base model's weights: ``"sha256:<hex>"``.
+
+    Covers the architecture fields of the config (not the quantization preset) and, for every
+    layer, the router's weight and bias and the attention sinks, rounded to bfloat16 (the released
+    precision) so the id is the same whatever dtype the model was loaded at. These tensors are small
+    (about 4.5 MB for the 20b) and differ between any two trained models, fine-tunes included.
+    Accepts a loaded model or a converted folder (read through memory maps, nothing else loaded).
+    """
+    if isinstance(model_or_path, (str, Path)):
+        path = Path(model_or_path)
+        cfg = GptOssConfig.from_file(path / "config.json")
+        infos = {}
+        for f in sorted(path.glob("*.safetensors")):
+            try:
+                infos.update(read_header(f)[0])
+            except SafetensorsError as e:
+                raise LoRAError(str(e)) from None
+        tensors = {}
+        for name in _fingerprint_keys(cfg):
+            if name not in infos:
+                raise LoRAError(f"{path}: tensor {name!r} not found; is this a converted gpt-oss folder?")
+            info = infos[name]
+            a = mx.array(info.read_numpy())
+            tensors[name] = a.view(mx.bfloat16) if info.dtype == "BF16" else a
+    else:
+        cfg = model_or_path.config
+        tensors = {}
+        for i, layer in enumerate(model_or_path.layers):
+            router = layer.mlp.router.base if isinstance(layer.mlp.router, LoRALinear) else layer.mlp.router
+            tensors[f"layers.{i}.mlp.router.weight"] = router.weight
+            tensors[f"layers.{i}.mlp.router.bias"] = router.bias
+            tensors[f"layers.{i}.self_attn.sinks"] = layer.self_attn.sinks
+    h = hashlib.sha256()
+    h.update(json.dumps({k: getattr(cfg, k) for k in _ARCH_FIELDS}, sort_keys=True).encode())
+    for name in _fingerprint_keys(cfg):
+        t = tensors[name].astype(mx.bfloat16)
+        h.update(name.encode())
+        h.update(np.array(t.view(mx.uint16)).tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _fingerprint_keys(cfg: GptOssConfig) -> list[str]:
+    return [f"layers.{i}.{k}" for i in range(cfg.num_hidden_layers)
+            for k in ("mlp.router.weight", "mlp.router.bias", "self_attn.sinks")]  # fmt: skip
+
+
+def save_adapter(
+    model: Any, spec: LoRASpec, dst: str | Path, *, base_fingerprint: str, base_name: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the model's adapters to the folder ``dst`` atomically; returns ``dst``.
+
+    The folder is built beside ``dst`` and renamed into place, so a crash never leaves a
+    half-written folder under that name; an existing adapter folder at ``dst`` is replaced, any
+    other non-empty folder is refused. ``extra`` (JSON-serialisable) is stored as is.
+    """
+    dst = Path(dst)
+    params = lora_parameters(model)
+    if not params:
+        raise LoRAError("the model has no adapters to save (apply_lora first)")
+    if dst.exists() and any(dst.iterdir()) and not (dst / CONFIG).is_file():
+        raise LoRAError(f"{dst}: exists and is not an adapter folder; choose another destination")
+    config = {"format": FORMAT, "version": VERSION, **spec.to_dict(),
+              "base_model": {"fingerprint": base_fingerprint, **({"name": base_name} if base_name else {})}}  # fmt: skip
+    if extra is not None:
+        config["extra"] = extra
+    text = json.dumps(config, indent=2)  # before any file is written: a bad ``extra`` fails here
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        mx.save_safetensors(str(tmp / WEIGHTS), {k: v.astype(mx.float32) for k, v in params.items()},
+                            metadata={"format": FORMAT})  # fmt: skip
+        (tmp / CONFIG).write_text(text + "\n")
+        for f in (WEIGHTS, CONFIG):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if dst.exists():
+            old = dst.with_name(tmp.name + ".old")
+            os.rename(dst, old)
+        os.rename(tmp, dst)
+        fsync_dir(dst.parent)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def read_adapter_config(src: str | Path) -> dict[str, Any]:
+    """The checked ``adapter_config.json`` of our format in folder ``src``."""
+    path = Path(src) / CONFIG
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoRAError(f"{path}: not found; {src} is not an mlx-gptoss adapter folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise LoRAError(f"{path}: field 'format' must be {FORMAT!r}")
+    if cfg.get("version") != VERSION:
+        raise LoRAError(f"{path}: field 'version' is {cfg.get('version')!r}; this mlx-gptoss reads version {VERSION}")
+    fp = cfg.get("base_model")
+    if not isinstance(fp, dict) or not isinstance(fp.get("fingerprint"), str):
+        raise LoRAError(f"{path}: field 'base_model.fingerprint' is missing")
+    return cfg
+
+
+def load_adapter(model: Any, src: str | Path) -> LoRASpec:
+    """Check the adapter folder ``src`` against ``model`` and apply it; returns its spec.
+
+    Refused with a :class:`LoRAError` naming the file (and key): another base model (both
+    fingerprints named), a bad config, a missing, extra, mis-shaped, non-float or non-finite
+    tensor, a truncated or corrupt weights file. On any error the model is left without adapters.
+    """
+    src = Path(src)
+    cfg = read_adapter_config(src)
+    fields = {k: v for k, v in cfg.items() if k not in ("format", "version", "base_model", "extra")}
+    try:
+        spec = LoRASpec.from_dict(fields)
+    except (LoRAError, TypeError) as e:
+        raise LoRAError(f"{src / CONFIG}: {e}") from None
+    want, have = cfg["base_model"]["fingerprint"], base_fingerprint(model)
+    if want != have:
+        name = cfg["base_model"].get("name")
+        raise LoRAError(
+            f"{src}: this adapter was trained on another base model ({want}{f', {name}' if name else ''}); "
+            f"the loaded model is {have}"
+        )
+    flat = _read_weights(src / WEIGHTS)
+    apply_lora(model, spec)
+    try:
+        set_lora_parameters(model, flat, source=str(src / WEIGHTS))
+    except BaseException:
+        remove_lora(model)
+        raise
+    return spec
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    try:
+        infos, _ = read_header(path)
+        with open(path, "rb") as fh:
+            raw = {name: (info, info.read_numpy(fh)) for name, info in infos.items() if info.dtype in _FLOAT_DTYPES}
+    except SafetensorsError as e:
+        raise LoRAError(str(e)) from None
+    bad = [n for n, i in infos.items() if i.dtype not in _FLOAT_DTYPES]
+    if bad:
+        raise LoRAError(f"{path}: tensor {bad[0]!r} has dtype {infos[bad[0]].dtype}, expected F32, F16 or BF16")
+    out = {}
+    for name, (info, arr) in raw.items():
+        a = mx.array(arr)
+        a = a.view(mx.bfloat16) if info.dtype == "BF16" else a
+        if not mx.all(mx.isfinite(a)).item():
+            raise LoRAError(f"{path}: tensor {name!r} holds NaN or infinite values")
+        out[name] = a
+    return out
