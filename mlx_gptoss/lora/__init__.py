@@ -19,18 +19,24 @@ renders (:class:`mlx_gptoss.chat.ChatSession`)::
 ``adapters.py`` — the adapter modules and their placement::
 
     spec = LoRASpec(rank=8, alpha=16.0, targets=("attention", "experts"), layers=None|[ints],
-                    rslora=False, dropout=0.0)
-    apply_lora(model, spec) -> None        # freezes the base, adds zero-B adapters (A random)
+                    rslora=False, dropout=0.0)   # bad fields raise LoRAError; to_dict()/from_dict()
+    last_layers(n, num_layers) -> tuple[int, ...]  # for layers=: the last n layers
+    apply_lora(model, spec, *, seed=None) -> None  # freezes the base, adds zero-B adapters (A random)
     remove_lora(model) -> None             # back to the plain base model
     lora_parameters(model) -> dict[str, mx.array]   # flat "layers.3.self_attn.q_proj.lora_a" -> array
+    set_lora_parameters(model, flat, *, source="adapter") -> None   # names and shapes checked
     Key names (ours): layers.{i}.self_attn.{q_proj,k_proj,v_proj,o_proj}.{lora_a [r, in], lora_b [out, r]},
     layers.{i}.mlp.router.{lora_a, lora_b}, layers.{i}.mlp.experts_lora.{gate_up,down}.{lora_a [E, r, in],
     lora_b [E, out, r]}; gate_up rows keep the released interleaving (2j gate j, 2j+1 up j).
+    Adapter parameters are float32; the update is scale * B A x with scale alpha/r (alpha/sqrt(r)
+    with rslora). Dropout applies in training mode to attention/router adapters only (experts refuse it).
 
 ``io.py`` — our adapter folder: ``adapters.safetensors`` + ``adapter_config.json`` (format,
 version, the LoRASpec, and the base model's fingerprint; an adapter for another base is refused)::
 
-    save_adapter(model, spec, dst, *, base_fingerprint) / load_adapter(model, src) -> LoRASpec
+    base_fingerprint(model_or_converted_folder) -> "sha256:..."   # arch fields + routers + sinks
+    save_adapter(model, spec, dst, *, base_fingerprint, base_name=None, extra=None) -> dst  # atomic
+    load_adapter(model, src) -> LoRASpec   # checks everything, applies; errors are LoRAError
     (PEFT and mlx-lm folders are recognised and read too: ``formats.py``.)
 
 ``train.py`` — the training loop (``TrainConfig``, ``train(model, train_ds, valid_ds, cfg,
