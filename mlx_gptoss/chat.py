@@ -332,11 +332,11 @@ class ChatSession:
             return ids, hidden
         cuts = _turn_starts(messages, hidden)  # each one hides one more whole turn
         if self.context_policy == "error" or not cuts:
-            why = "context_policy='error'" if cuts else "there is no earlier turn to drop"
+            what = "shorten the message, lower max_tokens, or reset the conversation" if cuts else "shorten the message or lower max_tokens"
             raise PromptTooLongError(
                 f"the conversation makes a prompt of {len(ids)} tokens; with max_tokens={max_tokens} for the reply "
-                f"that exceeds the context of {self.context_size} tokens ({why}; shorten the message, "
-                f"lower max_tokens, or reset the conversation)"
+                f"that exceeds the context of {self.context_size} tokens "
+                f"({'context_policy=error' if cuts else 'no earlier turn to drop'}: {what})"
             )
         prompts: dict[int, list[int]] = {}
 

@@ -153,34 +153,59 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
 @click.option("--system", "instructions", default=None, help="Instructions (harmony developer message).")
 @click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
 @click.option("--hide-reasoning", is_flag=True, help="Do not show the reasoning (toggle with /reasoning).")
-@click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-tokens", default=None, type=click.IntRange(min=1),
+              help="Longest reply  [default: 2048, or half the context when that is less]")
 @click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely tokens (0 = all).")
+@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Drop tokens less likely than min-p times the most likely one (0 = none).")
+@click.option("--seed", default=None, type=int, help="Random seed, for reproducible sampling.")
+@click.option("--context-policy", type=click.Choice(["rolling", "drop_oldest", "error"]), default="rolling", show_default=True,
+              help="When the conversation fills the context: hide the oldest turns down to half of it (rolling), "
+                   "as few as fit (drop_oldest), or refuse the message (error).")
 @click.option("--load", "load_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Continue a conversation saved with /save.")
 @click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
               help="With --memory-budget: the longest conversation to reserve the KV cache for.")
-def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reasoning: bool, max_tokens: int,
-         temp: float, top_p: float, load_file: str | None, memory_budget: str | None, context: int) -> None:  # fmt: skip
-    """Chat in the terminal: streaming answers, reasoning dimmed, /help for commands."""
+def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reasoning: bool, max_tokens: int | None,
+         temp: float, top_p: float, top_k: int, min_p: float, seed: int | None, context_policy: str,
+         load_file: str | None, memory_budget: str | None, context: int) -> None:  # fmt: skip
+    """Chat in the terminal: streaming answers, reasoning dimmed, /help for commands and keys."""
     from pathlib import Path
 
-    from mlx_gptoss.chat import ChatSession
+    from mlx_gptoss.chat import DEFAULT_MAX_TOKENS, ChatSession, context_size
     from mlx_gptoss.loader import load
-    from mlx_gptoss.repl import Repl
+    from mlx_gptoss.repl import Repl, enable_history
     from mlx_gptoss.tokenizer import TokenizerError
 
-    defaults = {"max_tokens": max_tokens, "temperature": temp, "top_p": top_p}
     try:
         lm = load(model, memory_budget=memory_budget, context=context, verbose=memory_budget is not None)
+        n_ctx = context_size(lm)
+        if max_tokens is None and n_ctx // 2 < DEFAULT_MAX_TOKENS or max_tokens is not None and max_tokens >= n_ctx:
+            # a reply as long as the context would leave no room for the conversation
+            why = f"--max-tokens {max_tokens} does not fit the context of" if max_tokens is not None else "the context is"
+            max_tokens = n_ctx // 2
+            click.echo(f"({why} {n_ctx} tokens: replies up to {max_tokens} tokens; --max-tokens to change)", err=True)
+        defaults = {"max_tokens": max_tokens, "temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
+                    "context_policy": context_policy}  # fmt: skip
         if load_file:
             session = ChatSession.from_json(lm, Path(load_file).read_text(), **defaults)
         else:
             session = ChatSession(lm, instructions=instructions, reasoning_effort=reasoning_effort, **defaults)
     except (ValueError, OSError, TokenizerError) as e:
         raise _Fail(str(e)) from None
-    Repl(session, show_reasoning=not hide_reasoning).run()
+    if seed is not None:
+        import mlx.core as mx
+
+        mx.random.seed(seed)
+    save_history = enable_history() if sys.stdin.isatty() else None  # readline only for a person at a terminal
+    try:
+        Repl(session, show_reasoning=not hide_reasoning).run()
+    finally:
+        if save_history is not None:
+            save_history()
 
 
 @main.command()

@@ -1,4 +1,8 @@
-"""The interactive terminal chat behind ``mlx-gptoss chat`` (a thin loop over ChatSession)."""
+"""The interactive terminal chat behind ``mlx-gptoss chat`` (a thin loop over ChatSession).
+
+A turn that fails prints one ``error: ...`` line and the chat goes on: the session has undone the
+turn, so nothing of the conversation is lost.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,20 @@ from typing import Any, Callable, TextIO
 from .chat import ChatSession, Done
 from .harmony import EFFORTS, CommentaryDelta, FinalDelta, ReasoningDelta, ToolCallCompleted, ToolCallStarted
 
-HELP = """commands:
+HISTORY_FILE = Path.home() / ".cache" / "mlx-gptoss" / "chat_history"
+BLOCK = '"""'
+
+HELP = f"""commands:
   /reset               forget the conversation (keeps instructions and settings)
   /effort low|medium|high
   /reasoning           show or hide the reasoning
   /save FILE           save the conversation (harmony conversation JSON)
   /load FILE           continue a saved conversation
-  /help, /quit         (Ctrl-C stops an answer; Ctrl-D or /quit leaves)"""
+  /help, /quit
+keys:
+  {BLOCK} on a line of its own starts a multi-line message; {BLOCK} again sends it
+  Up/Down and Ctrl-R recall earlier lines (history in {HISTORY_FILE})
+  Ctrl-C stops an answer (and keeps the chat); Ctrl-D or /quit leaves"""
 
 
 class Repl:
@@ -39,20 +50,35 @@ class Repl:
         while True:
             try:
                 line = self.read(">>> ")
+                block = line.strip() == BLOCK
+                text = self._block() if block else line.strip()
             except EOFError:
                 self.say("")
                 return
             except KeyboardInterrupt:
                 self.say("\n(Ctrl-D or /quit to leave)")
                 continue
-            line = line.strip()
-            if not line:
+            if not text.strip():
                 continue
-            if line.startswith("/"):
-                if self.command(line) == "quit":
+            if text.startswith("/") and not block:
+                if self.command(text) == "quit":
                     return
                 continue
-            self.turn(line)
+            self.turn(text)
+
+    def _block(self) -> str:
+        """Lines up to the closing ``\"\"\"`` (EOF ends the block too), as one message."""
+        lines = []
+        while True:
+            try:
+                line = self.read("... ")
+            except EOFError:
+                break
+            if line.rstrip().endswith(BLOCK):
+                lines.append(line.rstrip()[: -len(BLOCK)])
+                break
+            lines.append(line)
+        return "\n".join(lines).strip("\n")
 
     def command(self, line: str) -> str | None:
         cmd, _, arg = line.partition(" ")
@@ -82,16 +108,21 @@ class Repl:
             if not arg:
                 self.say("usage: /load FILE")
             else:
-                try:
-                    payload = Path(arg).expanduser().read_text()
-                    self.session = ChatSession.from_json(self.session.model, payload, tools=list(self.session.tools.values()),
-                                                         **self.session.defaults)  # fmt: skip
-                    self.say(f"(loaded {len(self.session.messages)} messages from {arg})")
-                except (OSError, ValueError) as e:
-                    self.say(f"cannot load {arg}: {e}")
+                self._load(arg)
         else:
             self.say(f"unknown command {cmd} (/help)")
         return None
+
+    def _load(self, arg: str) -> None:
+        s = self.session
+        try:
+            payload = Path(arg).expanduser().read_text()
+            # the settings stay; a file that cannot be used leaves the current conversation as it is
+            self.session = ChatSession.from_json(s.model, payload, tools=list(s.tools.values()), context_policy=s.context_policy,
+                                                 context=s.context_size, **s.defaults)  # fmt: skip
+            self.say(f"(loaded {len(self.session.messages)} messages from {arg})")
+        except (OSError, ValueError) as e:
+            self.say(f"cannot load {arg}: {e}")
 
     def _save(self, path: Path) -> None:
         try:
@@ -126,6 +157,14 @@ class Repl:
                 elif isinstance(ev, Done):
                     self._stats(ev.reply)
                 self.out.flush()
+        except KeyboardInterrupt:
+            self.say("\n(stopped; that message was not kept)")
+        except Exception as e:  # noqa: BLE001 - the session undid the turn; the chat must go on
+            self.say(f"\nerror: {e}")
+        except BaseException as e:
+            if type(e).__name__ != "PanicException":  # openai-harmony's Rust panics are BaseExceptions
+                raise
+            self.say(f"\nerror: openai-harmony failed: {e}")
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
@@ -134,12 +173,38 @@ class Repl:
         s = reply.stats
         note = {"cancelled": " — stopped", "length": " — max tokens reached"}.get(reply.finish_reason, "")
         self.out.write("\n")
+        if reply.dropped_turns:
+            self.say(self._dim(f"[the {reply.dropped_turns} oldest turn(s) no longer fit the context of "
+                               f"{self.session.context_size} tokens: the model no longer sees them; /save keeps them]"))  # fmt: skip
         self.say(self._dim(
             f"[{s.generation_tokens} tokens{note} | prompt {s.prompt_tokens} ({s.prefill_tokens} new) at "
             f"{s.prompt_tps:.1f} tok/s | decode {s.generation_tps:.1f} tok/s | peak {s.peak_memory_gb:.2f} GB]"
         ))
         for p in reply.problems:
             self.say(self._dim(f"[warning: {p}]"))
+
+
+def enable_history(path: Path = HISTORY_FILE) -> Callable[[], None] | None:
+    """Line editing and a persistent history with readline, when it is available; returns the
+    function that saves the history (None without readline). File errors are ignored."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.read_history_file(path)
+    except OSError:
+        pass  # no history yet, or an unwritable cache folder: editing still works
+    readline.set_history_length(2000)
+
+    def save() -> None:
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass
+
+    return save
 
 
 def _in_main_thread() -> bool:
