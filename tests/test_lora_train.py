@@ -1,8 +1,8 @@
 """The LoRA training loop: loss, accumulation, checkpointing, resume after SIGKILL, cancel, CLI errors.
 
-The loop trains whatever is trainable, so these tests train the tiny model's own norms (the base
-frozen, the RMSNorm weights unfrozen): the loop is tested without the adapters, which have their
-own tests.
+The loop trains whatever is trainable: most tests train the tiny model's own norms (the base
+frozen, the RMSNorm weights unfrozen), so they test the loop apart from the adapters; the resume,
+budget and CLI tests train real adapters.
 """
 
 from __future__ import annotations
@@ -30,39 +30,10 @@ from mlx_gptoss.lora.train import TrainConfig, TrainConfigError, batch_loss, mak
 
 CLI = [sys.executable, "-m", "mlx_gptoss.cli"]
 
-# Stop-gap, to drop when the core's router stops the gradient at its top-k indices (reported to
-# the core): a backward pass through an MoE layer fails with "Cannot calculate VJP with respect to
-# indices" until then, so the tests route with the same top-k, the indices under stop_gradient.
-ROUTER_PATCH = """
-import mlx.core as mx
-from mlx_gptoss.kernels import ops
-
-def _route_sg(logits, k):
-    idx = mx.stop_gradient(mx.argpartition(-logits, kth=k - 1, axis=-1)[..., :k])
-    return idx.astype(mx.uint32), mx.softmax(mx.take_along_axis(logits, idx, axis=-1), axis=-1, precise=True)
-
-try:
-    mx.grad(lambda x: ops.route_topk_softmax(x, 2)[1][:, 0].sum())(mx.ones((1, 4)))
-    ROUTE = None
-except ValueError:
-    ROUTE = _route_sg
-"""
-
-
-@pytest.fixture(autouse=True)
-def _differentiable_router(monkeypatch):
-    scope: dict = {}
-    exec(ROUTER_PATCH, scope)
-    if scope["ROUTE"] is not None:
-        monkeypatch.setattr("mlx_gptoss.kernels.ops.route_topk_softmax", scope["ROUTE"])
-
 # A process that builds the model and trains: the SIGKILL test runs it in a subprocess.
 TRAIN_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    exec(sys.argv[5])
-    if ROUTE is not None:
-        ops.route_topk_softmax = ROUTE
     import mlx.core as mx
     import mlx_gptoss
     from types import SimpleNamespace as E
@@ -70,14 +41,20 @@ TRAIN_SCRIPT = textwrap.dedent(
 
     model_dir, out, resume, slow = sys.argv[1], sys.argv[2], sys.argv[3] == "1", float(sys.argv[4])
     model = mlx_gptoss.load(model_dir, dtype=mx.float32)
-    model.freeze()
-    for layer in model.layers:
-        layer.input_layernorm.unfreeze()
-        layer.post_attention_layernorm.unfreeze()
+    spec = None
+    if sys.argv[5] == "lora":
+        from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
+        spec = LoRASpec(rank=4, targets=("attention", "experts"), layers=(2, 3))
+        apply_lora(model, spec, seed=1)
+    else:
+        model.freeze()
+        for layer in model.layers:
+            layer.input_layernorm.unfreeze()
+            layer.post_attention_layernorm.unfreeze()
     rows = [[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 6, 8, 10], [3, 7, 11, 15, 19, 23], [30, 31, 32, 33]]
     ex = [E(ids=r, targets=[False, False] + [True] * (len(r) - 2), line=i + 1) for i, r in enumerate(rows)]
     cfg = TrainConfig(out, iterations=8, batch_size=2, learning_rate=1e-2, save_every=2, eval_every=0, seed=7)
-    train(model, ex, None, cfg, resume=resume, on_progress=lambda p: time.sleep(slow))
+    train(model, ex, None, cfg, spec=spec, resume=resume, on_progress=lambda p: time.sleep(slow))
     """
 )
 
@@ -207,18 +184,20 @@ def test_cancel_from_another_thread_saves_a_checkpoint_and_resume_finishes(model
     assert (tmp_path / "run" / "trainable.safetensors").is_file()
 
 
-def test_resume_after_sigkill_ends_with_the_same_weights(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("trained", ["norms", "lora"])
+def test_resume_after_sigkill_ends_with_the_same_weights(tiny_model_dir, tmp_path, trained):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
+    weights = "trainable.safetensors" if trained == "norms" else "adapters.safetensors"
 
     def run(out: Path, resume: bool) -> None:
-        subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(out), "1" if resume else "0", "0", ROUTER_PATCH],
-                       check=True, capture_output=True, timeout=120)  # fmt: skip
+        subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(out), "1" if resume else "0", "0",
+                        trained], check=True, capture_output=True, timeout=120)  # fmt: skip
 
     run(tmp_path / "whole", resume=False)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(killed), "0", "0.3", ROUTER_PATCH],
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(killed), "0", "0.3", trained],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 60
     while latest_checkpoint(killed) is None:
@@ -230,12 +209,36 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_model_dir, tmp_pat
     assert 2 <= saved < 8
     run(killed, resume=True)
 
-    whole = mx.load(str(tmp_path / "whole" / "trainable.safetensors"))
-    resumed = mx.load(str(killed / "trainable.safetensors"))
+    whole = mx.load(str(tmp_path / "whole" / weights))
+    resumed = mx.load(str(killed / weights))
+    assert any(np.abs(np.array(v)).max() > 0 for k, v in whole.items() if "lora_b" in k or trained == "norms")
     _assert_close(_flat(resumed), _flat(whole), 1e-6)
     # the metrics of the lost steps were dropped, then written again once
     steps = [json.loads(s)["step"] for s in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def test_a_budgeted_model_gives_the_same_gradients(tiny_model_dir):
+    # non-resident experts are read from disk in the forward pass and again in the recomputation
+    from mlx_gptoss.lora.adapters import LoRASpec, apply_lora, lora_parameters, set_lora_parameters
+    from mlx_gptoss.memory import budget_for_slots, read_tensors
+
+    from conftest import TINY
+
+    budget = budget_for_slots(TINY, read_tensors(tiny_model_dir), 4, context=256, float_bytes=4)
+    batch = make_batch([_ex(range(5, 45), 5)])
+    grads = {}
+    for name, kw in (("resident", {}), ("budgeted", {"memory_budget": budget, "context": 256})):
+        m = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32, **kw)
+        apply_lora(m, LoRASpec(rank=4, targets=("attention", "router")), seed=0)
+        rng = np.random.default_rng(0)  # B away from zero, so A gets a gradient too
+        set_lora_parameters(m, {k: mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)) if "lora_b" in k else v
+                                for k, v in lora_parameters(m).items()})  # fmt: skip
+        grads[name] = _grads(m, [batch], checkpoint=True)
+        if name == "budgeted":
+            assert m.stream_stats.as_dict()["tokens"] == 2 * 40  # the forward pass and the recomputation
+    assert grads["budgeted"][0] == pytest.approx(grads["resident"][0], rel=1e-6)
+    _assert_close(grads["budgeted"][1], grads["resident"][1], 1e-5)
 
 
 def test_config_errors_name_the_option(model, tmp_path):
