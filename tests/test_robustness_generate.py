@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import mlx.core as mx
 import pytest
@@ -202,7 +201,7 @@ def test_tokenizer_error_is_a_value_error_and_still_a_runtime_error():
     assert issubclass(TokenizerError, ValueError) and issubclass(TokenizerError, RuntimeError)
 
 
-def test_a_tokenizer_panic_becomes_a_tokenizer_error(vocab_model_dir, monkeypatch):
+def test_a_tokenizer_panic_becomes_a_tokenizer_error(vocab_model_dir):
     class PanicException(BaseException):  # pyo3's, as openai-harmony raises it
         pass
 
