@@ -23,7 +23,6 @@ from mlx_gptoss.lora.adapters import (
     LoRAError, LoRASpec, apply_lora, last_layers, lora_parameters, remove_lora, set_lora_parameters,
 )  # fmt: skip
 from mlx_gptoss.lora.io import CONFIG, WEIGHTS, base_fingerprint, load_adapter, save_adapter
-from mlx_gptoss.model import MoE
 from mlx_gptoss_convert import convert
 from mlx_gptoss_convert.synthetic import dequantize_mxfp4
 
@@ -209,6 +208,23 @@ def test_delta_runs_the_twin_on_gpu_backends(model, monkeypatch):
     assert mx.array_equal(mlp(x), want)
 
 
+def test_delta_select_serves_slot_indexed_experts(model):
+    """What streamed experts need: base weights in slots, the delta gathered into the same slots."""
+    apply_lora(model, LoRASpec(rank=2, targets=("experts",), layers=[0]))
+    randomise(model)
+    mlp = model.layers[0].mlp
+    x = mx.random.normal((20, TINY.hidden_size))
+    ids, w = ops.route_topk_softmax(mlp.router(x), mlp.k)
+    args = [a for e in (mlp.gate_up, mlp.down) for a in (e.weight, e.scales, e.bias)]
+    delta = mlp.experts_lora.delta()
+    want = kernels.moe_mxfp4_swiglu(x, ids, w, *args, limit=mlp.limit, alpha=mlp.alpha, delta=delta)
+    resident = mx.array([5, 0, 7, 2, 6, 1, 3, 4])  # slot s holds expert resident[s]
+    slot_of = mx.argsort(resident).astype(mx.uint32)
+    got = kernels.moe_mxfp4_swiglu(x, slot_of[ids], w, *(a[resident] for a in args), limit=mlp.limit, alpha=mlp.alpha,
+                                   delta=delta.select(resident))  # fmt: skip
+    assert mx.array_equal(got, want)
+
+
 # -- gradients ---------------------------------------------------------------------------------
 
 
@@ -330,18 +346,6 @@ def test_spec_layers_out_of_range_and_last_layers(model):
         apply_lora(model, LoRASpec(layers=[1, 7]))
     assert lora_parameters(model) == {}
     assert LoRASpec(rank=8, alpha=16).scale == 2.0 and LoRASpec(rank=4, alpha=16, rslora=True).scale == 8.0
-
-
-def test_expert_adapters_on_streamed_layers_are_refused(tiny_model_dir):
-    m = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32)
-
-    class Streamed(nn.Module):  # stands in for streaming.StreamedMoE: not the resident MoE
-        pass
-
-    m.layers[2].mlp = Streamed()
-    with pytest.raises(NotImplementedError, match=r"streamed experts \(layers \[2\]\)"):
-        apply_lora(m, LoRASpec(targets=("experts",)))
-    assert isinstance(m.layers[1].mlp, MoE) and lora_parameters(m) == {}
 
 
 # -- our adapter folder -------------------------------------------------------------------------
