@@ -60,6 +60,11 @@ def main() -> None:
     for m in chat.messages:
         if m["role"] == "tool":
             print(f"[{m['name']}] -> {m['content'][0]['text']}", file=sys.stderr)
+    if reply.finish_reason == "max_steps":
+        # the model still wanted tools when the loop stopped: there may be no answer yet
+        print(f"warning: stopped after 6 tool calls without a final answer ({reply.problems[-1]})", file=sys.stderr)
+    elif reply.finish_reason == "length":
+        print("warning: the answer was cut off at max_tokens", file=sys.stderr)
     print(reply.final)
 
 

@@ -9,6 +9,11 @@ of what it holds and the new rendering (harmony drops earlier turns' reasoning w
 re-renders, so the reply of the previous turn is usually recomputed, never reused wrongly).
 Sliding-window layers cannot be cut back by themselves; the session keeps small snapshots of
 them at message boundaries and restores the nearest one.
+
+A turn that fails changes nothing (options, text and the fitted prompt are checked before the
+conversation changes; anything raised later, KeyboardInterrupt included, is rolled back). When
+the conversation outgrows the context, the session's ``context_policy`` hides its oldest turns
+from the model (they stay in ``messages``) or raises :class:`PromptTooLongError`.
 """
 
 from __future__ import annotations
@@ -292,7 +297,7 @@ class ChatSession:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_tokens must be an integer >= 1; got {n!r}")
         if n >= self.context_size:
-            raise PromptTooLongError(f"max_tokens={n} leaves no room for a prompt in the context of {self.context_size} tokens")
+            raise PromptTooLongError(f"max_tokens={n} leaves no room for a prompt in {self._context_text()}")
         step = opts.get("prefill_step")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
             raise ValueError(f"prefill_step must be an integer >= 1; got {step!r}")
@@ -308,6 +313,12 @@ class ChatSession:
         elif not callable(opts["sampler"]):
             raise ValueError(f"sampler must be callable (logits [1, V] -> token [1]); got {opts['sampler']!r}")
         return opts
+
+    def _context_text(self) -> str:
+        plan = getattr(self.model, "memory_plan", None)
+        if plan is not None and plan.context == self.context_size:
+            return f"the context of {self.context_size} tokens the memory budget was planned for (load with a larger context=)"
+        return f"the context of {self.context_size} tokens"
 
     def _render(self, messages: list) -> list[int]:
         """The prompt for ``messages`` (all shown), ending where the assistant's reply begins."""
@@ -335,7 +346,7 @@ class ChatSession:
             what = "shorten the message, lower max_tokens, or reset the conversation" if cuts else "shorten the message or lower max_tokens"
             raise PromptTooLongError(
                 f"the conversation makes a prompt of {len(ids)} tokens; with max_tokens={max_tokens} for the reply "
-                f"that exceeds the context of {self.context_size} tokens "
+                f"that exceeds {self._context_text()} "
                 f"({'context_policy=error' if cuts else 'no earlier turn to drop'}: {what})"
             )
         prompts: dict[int, list[int]] = {}
@@ -355,7 +366,7 @@ class ChatSession:
                 return prompts[lo], cuts[lo]
         raise PromptTooLongError(
             f"even with every earlier turn dropped the prompt has {size(len(cuts) - 1)} tokens; with "
-            f"max_tokens={max_tokens} for the reply that exceeds the context of {self.context_size} tokens "
+            f"max_tokens={max_tokens} for the reply that exceeds {self._context_text()} "
             f"(shorten the message or lower max_tokens)"
         )
 

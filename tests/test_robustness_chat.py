@@ -297,3 +297,25 @@ def test_history_file_errors_are_ignored(tmp_path):
     good = tmp_path / "cache" / "history"
     enable_history(good)()
     assert good.exists()
+
+
+def test_example_app_warns_when_the_tool_loop_runs_out_of_steps(model, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "app_with_tools.py"
+    spec = importlib.util.spec_from_file_location("app_with_tools", path)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    orig = ChatSession._turn
+
+    def always_call(self, message, options):  # a model that never stops asking for the tool
+        script = Script(model.tokenizer, TOOL_CALL.format("More.", "convert_units", '{"value": 1, "unit": "km"}'))
+        return orig(self, message, {**options, "sampler": script, "max_tokens": 60})
+
+    monkeypatch.setattr(ChatSession, "_turn", always_call)
+    monkeypatch.setattr(app.mlx_gptoss, "load", lambda *a, **k: model)
+    monkeypatch.setattr(sys, "argv", ["app", "model", "1 km in miles?"])
+    app.main()
+    err = capsys.readouterr().err
+    assert "warning: stopped after 6 tool calls" in err and err.count("[functions.convert_units] ->") == 6
