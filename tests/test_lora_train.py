@@ -152,6 +152,20 @@ def test_two_accumulated_batches_of_one_equal_one_batch_of_two(model, tiny_model
     _assert_close(runs["batch"][1], runs["accum"][1], 1e-5)
 
 
+def test_training_runs_the_differentiable_kernel_twins_and_restores_the_mode(model, tmp_path):
+    # the custom GPU kernels have no gradient: on a GPU, training through them would fail
+    from mlx_gptoss import kernels
+
+    seen = []
+    kernels.set_mode("auto")
+    try:
+        cfg = TrainConfig(tmp_path / "run", iterations=2, save_every=0, eval_every=1)
+        train(model, EXAMPLES, EXAMPLES, cfg, on_progress=lambda p: seen.append(kernels._mode))
+        assert seen == ["twin"] * 4 and kernels._mode == "auto"
+    finally:
+        kernels.set_mode(os.environ.get("MLX_GPTOSS_KERNELS", "auto"))
+
+
 def test_all_masked_batches_are_skipped_without_nan(model, tmp_path):
     masked = _ex([4, 5, 6, 7], 4, line=9)
     assert batch_loss(model, make_batch([masked])).item() == 0.0

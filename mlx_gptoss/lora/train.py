@@ -36,6 +36,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .. import kernels
 from ..generate import peak_rss_gb
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -403,6 +404,7 @@ def train(
     metrics_path = cfg.metrics_path
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics = open(metrics_path, "r+b" if resume and metrics_path.exists() else "wb")
+    metrics_offset = min(metrics_offset, metrics.seek(0, os.SEEK_END))  # a file deleted or cut meanwhile
     metrics.truncate(metrics_offset)  # drop lines written after the checkpoint we resume from
     metrics.seek(metrics_offset)
 
@@ -423,6 +425,10 @@ def train(
     mx.reset_peak_memory()
     t_start, steps_here = time.perf_counter(), 0
     model.train()
+    # the custom GPU kernels (routing, decode-size experts) have no gradient: train through the
+    # pure-MLX twins, as the CPU does (a process-wide switch, put back afterwards)
+    kernel_mode = kernels._mode
+    kernels.set_mode("twin")
     try:
         while step < total:
             if cancel is not None and cancel.is_set():
@@ -465,7 +471,7 @@ def train(
             steps_here += 1
             dt = time.perf_counter() - t0
             elapsed = time.perf_counter() - t_start
-            progress.trained_tokens = trained_tokens
+            progress.trained_tokens = result.trained_tokens = trained_tokens
             progress.tokens_per_s = n_tokens / dt if dt > 0 else 0.0
             progress.peak_memory_gb = mx.get_peak_memory() / 1e9
             progress.rss_gb = peak_rss_gb()
@@ -483,6 +489,7 @@ def train(
         result.checkpoint = checkpoint()
         _save_final(model, spec, out, base_fingerprint)  # also when cancelled: what was trained so far
     finally:
+        kernels.set_mode(kernel_mode)
         metrics.close()
         model.eval()
     result.steps, result.trained_tokens, result.skipped_steps = step, trained_tokens, skipped_steps
@@ -495,7 +502,7 @@ def _eval_and_report(model, valid_ex, cfg, step, total, epoch, log, on_progress,
     model.eval()
     val_loss, _ = evaluate(model, valid_ex, cfg)
     model.train()
-    progress = TrainProgress("eval", step, total, epoch, val_loss=val_loss, trained_tokens=0,
+    progress = TrainProgress("eval", step, total, epoch, val_loss=val_loss, trained_tokens=result.trained_tokens,
                              peak_memory_gb=mx.get_peak_memory() / 1e9, rss_gb=peak_rss_gb())  # fmt: skip
     log(progress.to_dict())
     result.history.append(progress.to_dict())
