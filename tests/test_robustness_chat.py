@@ -124,7 +124,8 @@ def test_cancel_is_not_a_failure(model):
     chat.cancel()
     reply = list(events)[-1].reply
     assert reply.finish_reason == "cancelled" and chat.messages[len(before)]["content"][0]["text"] == "Go"
-    r, s = chat.send("Again", sampler=(s := Script(model.tokenizer, THINK_ANSWER.format("ok", "Back."))), max_tokens=100), s
+    s = Script(model.tokenizer, THINK_ANSWER.format("ok", "Back."))
+    r = chat.send("Again", sampler=s, max_tokens=100)
     assert r.final == "Back."
     assert_matches_scratch(model, chat, s, r)
 
