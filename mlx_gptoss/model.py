@@ -16,7 +16,7 @@ import mlx.nn as nn
 from . import decode, kernels
 from .cache import KVCache, SlidingKVCache, causal_mask, window_mask
 from .config import FULL, SLIDING, GptOssConfig
-from .layers import embedding, linear
+from .layers import QuantLinear, embedding, linear
 from .rope import YarnRope
 
 
@@ -137,7 +137,8 @@ class GptOss(nn.Module):
         shape = (1, c.num_key_value_heads, c.head_dim)
         return [SlidingKVCache(W) if t == SLIDING else KVCache(reserve, shape, dtype) for t in c.layer_types]
 
-    def _masks(self, T: int, cache: list | None) -> dict[str, Any]:
+    def masks(self, T: int, cache: list | None = None) -> dict[str, Any]:
+        """The attention mask of each layer type for T new tokens after what ``cache`` holds."""
         types = self.config.layer_types
         sliding = cache[types.index(SLIDING)] if cache is not None and SLIDING in types else None
         n_before = sliding.n_fetched_before(T) if sliding is not None else 0
@@ -146,7 +147,7 @@ class GptOss(nn.Module):
     def hidden_states(self, ids: mx.array, cache: list | None = None) -> mx.array:
         """The final-norm hidden states [B, T, H]."""
         x = self.embed_tokens(ids)
-        masks = self._masks(ids.shape[1], cache)
+        masks = self.masks(ids.shape[1], cache)
         for i, layer in enumerate(self.layers):
             x = layer(x, masks[self.config.layer_types[i]], cache[i] if cache is not None else None)
         return self.norm(x)
@@ -160,5 +161,11 @@ class GptOss(nn.Module):
         return self.lm_head(self.hidden_states(ids, cache))
 
     def _plain(self) -> bool:
-        # the compiled step traces MLX ops only: not the streamed experts' or host embedding's Python
-        return isinstance(self.embed_tokens, nn.Module) and all(type(layer.mlp) is MoE for layer in self.layers)
+        # the compiled step traces MLX ops only: not the streamed experts' or host embedding's Python;
+        # and it captures the weights it reads when traced: adapters (added or changed later) stay eager
+        plain = (nn.Linear, QuantLinear)
+        return isinstance(self.embed_tokens, nn.Module) and all(
+            type(layer.mlp) is MoE and layer.mlp.experts_lora is None and isinstance(layer.mlp.router, plain)
+            and isinstance(layer.self_attn.qkv, plain) and isinstance(layer.self_attn.o_proj, plain)
+            for layer in self.layers
+        )  # fmt: skip

@@ -456,3 +456,22 @@ def test_save_is_atomic(model, saved, tmp_path, monkeypatch):
     with pytest.raises(LoRAError, match="not an adapter folder"):
         save_adapter(model, spec, tmp_path / "notes", base_fingerprint="sha256:x")
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep"
+
+
+def test_compiled_decode_never_serves_stale_weights_after_adapters(model):
+    # the compiled one-token step captures the weights it reads when first traced
+    from mlx_gptoss import decode
+    from mlx_gptoss.generate import stream_tokens
+
+    prompt = [1, 2, 3, 4, 5]
+    decode.set_enabled(True)
+    try:
+        base = list(stream_tokens(model, prompt, max_tokens=6))  # traces the compiled step
+        apply_lora(model, LoRASpec(rank=4, targets=("attention", "router", "experts")), seed=0)
+        randomise(model, std=1.0)
+        compiled = list(stream_tokens(model, prompt, max_tokens=6))
+        decode.set_enabled(False)
+        eager = list(stream_tokens(model, prompt, max_tokens=6))
+    finally:
+        decode.set_enabled(None)
+    assert compiled == eager and eager != base

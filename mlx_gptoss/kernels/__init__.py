@@ -38,6 +38,11 @@ def set_mode(mode: str) -> None:
     _mode = mode
 
 
+def mode() -> str:
+    """The current mode: "auto" or "twin" (see :func:`set_mode`)."""
+    return _mode
+
+
 def backend() -> str:
     """"metal", "cuda" or "twin": what the MoE ops run on, for the default device."""
     if _mode == "twin" or mx.default_device() != mx.gpu:

@@ -235,7 +235,7 @@ def hidden_states(model: nn.Module, ids: mx.array, *, checkpoint: bool = True, s
     if not checkpoint:
         return model.hidden_states(ids)
     x = model.embed_tokens(ids)
-    masks = model._masks(ids.shape[1], None)  # the model's own masks for a cache-less pass
+    masks = model.masks(ids.shape[1])  # the model's own masks for a cache-less pass
 
     def block_fn(layer: nn.Module, mask: Any, layer_seed: int) -> Callable[[mx.array], mx.array]:
         def run(x: mx.array) -> mx.array:
@@ -427,7 +427,7 @@ def train(
     model.train()
     # the custom GPU kernels (routing, decode-size experts) have no gradient: train through the
     # pure-MLX twins, as the CPU does (a process-wide switch, put back afterwards)
-    kernel_mode = kernels._mode
+    kernel_mode = kernels.mode()
     kernels.set_mode("twin")
     try:
         while step < total:
