@@ -60,6 +60,7 @@ class MemoryPlan:
     expert_bytes: int = 0  # one expert (gate_up + down: codes, scales, bias)
     prefill_step: int = 512
     embed_on_host: bool = False
+    training: bool = False  # a plan of plan_training: ``context`` is the training sequence length
 
     @property
     def streaming(self) -> bool:
@@ -76,7 +77,10 @@ class MemoryPlan:
         rows.append(f"{'total in MLX memory':<34} {self.mlx_bytes / GB:>7.2f}" + (f"  (budget {self.budget / GB:.2f})" if self.budget else ""))
         if self.streaming:
             rows.append(f"experts: {self.expert_slots} of {self.n_experts} per layer resident, the rest read from disk on demand")
-        rows.append(f"context {self.context} tokens, prefill in chunks of {self.prefill_step}")
+        if self.training:
+            rows.append(f"training on sequences of up to {self.context} tokens, each block recomputed in the backward")
+        else:
+            rows.append(f"context {self.context} tokens, prefill in chunks of {self.prefill_step}")
         return "\n".join(rows)
 
 
@@ -125,6 +129,23 @@ def plan_memory(
 ) -> MemoryPlan:
     """Decide what stays resident under ``budget`` (bytes or "9.5GB"); None = everything resident."""
     budget = None if budget is None else parse_size(budget)
+    prefill_step = 512
+    if budget is not None:
+        prefill_step = next((s for s in PREFILL_STEPS if activation_bytes(config, s, context) <= ACTIVATION_CAP), PREFILL_STEPS[-1])
+    kv = kv_cache_bytes(config, context, float_bytes)
+    extra = [
+        Component(f"KV cache ({context} tokens)", kv, "MLX"),
+        Component(f"activations (chunks of {prefill_step})", activation_bytes(config, prefill_step, context), "MLX"),
+    ]
+    why = f"a {context}-token context (KV cache {kv / GB:.2f} GB)"
+    plan = _fit(config, tensors, budget, extra, float_bytes, why, "a shorter context")
+    plan.context, plan.prefill_step = context, prefill_step
+    return plan
+
+
+def _fit(config: GptOssConfig, tensors: dict[str, TensorInfo], budget: int | None, extra: list[Component],
+         float_bytes: int, why: str, smaller: str) -> MemoryPlan:  # fmt: skip
+    """The weights' placement under ``budget`` beside the ``extra`` MLX components (cache, activations...)."""
     sizes: dict[str, int] = {}
     for info in tensors.values():
         cat = _category(info.name)
@@ -135,16 +156,11 @@ def plan_memory(
         raise BudgetError("no expert tensors (layers.N.mlp.gate_up.*) in this checkpoint: is it a converted one? "
                           "Run mlx-gptoss convert SRC DST first")  # fmt: skip
     expert_bytes = sizes.get("experts", 0) // (L * E)
-    kv = kv_cache_bytes(config, context, float_bytes)
-    plan = MemoryPlan(budget, context, n_experts=E, expert_bytes=expert_bytes, expert_slots=E)
+    plan = MemoryPlan(budget, 0, n_experts=E, expert_bytes=expert_bytes, expert_slots=E)
     on_host = budget is not None
     plan.embed_on_host = on_host
-    fixed = sizes.get("attention and norms", 0) + sizes.get("router", 0) + sizes.get("unembedding (lm_head)", 0) + kv + OVERHEAD
-    fixed += 0 if on_host else sizes.get("embedding", 0)
-    if budget is not None:
-        plan.prefill_step = next((s for s in PREFILL_STEPS if activation_bytes(config, s, context) <= ACTIVATION_CAP), PREFILL_STEPS[-1])
-    act = activation_bytes(config, plan.prefill_step, context)
-    fixed += act
+    fixed = sizes.get("attention and norms", 0) + sizes.get("router", 0) + sizes.get("unembedding (lm_head)", 0) + OVERHEAD
+    fixed += sum(c.nbytes for c in extra) + (0 if on_host else sizes.get("embedding", 0))
     all_experts = expert_bytes * L * E
     if budget is not None and fixed + all_experts > budget:
         slots = int((budget - fixed) // (expert_bytes * L)) if expert_bytes else E
@@ -153,9 +169,9 @@ def plan_memory(
             need = fixed + k * L * expert_bytes
             raise BudgetError(
                 f"a budget of {budget / GB:.2f} GB cannot hold this model: it needs at least {need / GB:.2f} GB "
-                f"({(need - budget) / GB:.2f} GB more) with {k} expert slots per layer and a {context}-token context "
-                f"(KV cache {kv / GB:.2f} GB). Everything resident needs {(fixed + all_experts) / GB:.2f} GB. "
-                "Use a larger budget, a shorter context, or a checkpoint converted with --preset 16gb."
+                f"({(need - budget) / GB:.2f} GB more) with {k} expert slots per layer and {why}. "
+                f"Everything resident needs {(fixed + all_experts) / GB:.2f} GB. "
+                f"Use a larger budget, {smaller}, or a checkpoint converted with --preset 16gb."
             )
         plan.expert_slots = min(slots, E)
     comps = [
@@ -167,12 +183,78 @@ def plan_memory(
     ]
     if plan.streaming:
         comps.append(Component(f"experts ({E - plan.expert_slots}/{E} per layer)", (E - plan.expert_slots) * L * expert_bytes, "disk (streamed)"))
-    comps += [
-        Component(f"KV cache ({context} tokens)", kv, "MLX"),
-        Component(f"activations (chunks of {plan.prefill_step})", act, "MLX"),
-        Component("runtime (MLX cache, Python)", OVERHEAD, "MLX"),
-    ]
-    plan.components = comps
+    plan.components = comps + extra + [Component("runtime (MLX cache, Python)", OVERHEAD, "MLX")]
+    return plan
+
+
+def lora_parameter_count(config: GptOssConfig, spec) -> int:  # noqa: ANN001 (a lora.LoRASpec)
+    """Trainable parameters of ``spec``'s adapters on a model of ``config`` (see lora/adapters.py)."""
+    H, E, I, D, r = config.hidden_size, config.num_local_experts, config.intermediate_size, config.head_dim, spec.rank
+    q, kv = config.num_attention_heads * D, config.num_key_value_heads * D
+    per_layer = 0
+    if "attention" in spec.targets:
+        per_layer += r * (H + q) + 2 * r * (H + kv) + r * (q + H)  # q, k, v, o: A [r, in] + B [out, r]
+    if "router" in spec.targets:
+        per_layer += r * (H + E)
+    if "experts" in spec.targets:
+        per_layer += E * r * (H + 2 * I) + E * r * (I + H)  # gate_up and down, per expert
+    return per_layer * len(spec.layer_ids(config.num_hidden_layers))
+
+
+def training_activation_bytes(config: GptOssConfig, seq_len: int, *, batch_size: int = 1, loss_chunk: int = 256,
+                              float_bytes: int = 2) -> dict[str, int]:  # fmt: skip
+    """Peak activations of one training step with per-block checkpointing (lora/train.py), by part.
+
+    - saved block inputs: each block's input [B, T, H] (and the final one) stays for the backward;
+    - one block recomputed: its forward and backward together, the only block live at a time:
+      attention scores, probabilities and their gradient [B, Hq, T, T] float32; the MoE's N·K
+      (token, expert) pairs in float32 (the CPU path) — each pair's input, gate_up pre-activation,
+      SwiGLU output and down output [NK, 2H + 3I], twice (values and gradients); and the block's
+      [B, T, H]-sized temporaries (norms, residuals, q/k/v, their gradients);
+    - the loss chunk: ``loss_chunk`` rows of logits [c, V] in the model's dtype and float32, and
+      the gradient of the float32 ones.
+    """
+    B, T, H, I, V = batch_size, seq_len, config.hidden_size, config.intermediate_size, config.vocab_size
+    NK = B * T * config.num_experts_per_tok
+    attention = 3 * B * config.num_attention_heads * T * T * 4
+    moe = 2 * NK * (2 * H + 3 * I) * 4
+    temporaries = 16 * B * T * max(H, config.qkv_dim) * 4
+    chunk = min(loss_chunk, B * T)
+    return {
+        "saved block inputs": (config.num_hidden_layers + 1) * B * T * H * float_bytes,
+        "one block recomputed": attention + moe + temporaries,
+        "loss chunk": chunk * V * (float_bytes + 2 * 4),
+    }
+
+
+def plan_training(
+    config: GptOssConfig,
+    tensors: dict[str, TensorInfo],
+    spec,  # noqa: ANN001 (a lora.LoRASpec)
+    *,
+    max_seq_len: int,
+    batch_size: int = 1,
+    budget: int | str | None = None,
+    loss_chunk: int = 256,
+    float_bytes: int = 2,
+) -> MemoryPlan:
+    """The memory plan of LoRA training: the weights (placed as :func:`plan_memory` places them),
+    the adapters, their gradients and AdamW's two moments (float32), and the activations of one
+    step on ``batch_size`` sequences of ``max_seq_len`` tokens (:func:`training_activation_bytes`).
+    No KV cache: training runs whole sequences. Raises :class:`BudgetError` when ``budget`` cannot
+    hold it with ``num_experts_per_tok`` expert slots per layer.
+    """
+    budget = None if budget is None else parse_size(budget)
+    P = lora_parameter_count(config, spec)
+    acts = training_activation_bytes(config, max_seq_len, batch_size=batch_size, loss_chunk=loss_chunk, float_bytes=float_bytes)
+    extra = [
+        Component(f"adapters ({P / 1e6:.1f}M parameters, float32)", 4 * P, "MLX"),
+        Component("adapter gradients", 4 * P, "MLX"),
+        Component("AdamW state (2 moments)", 8 * P, "MLX"),
+    ] + [Component(f"{name} (T={max_seq_len}, B={batch_size})", n, "MLX") for name, n in acts.items()]
+    why = f"training on {batch_size} x {max_seq_len} tokens (adapters, optimizer and activations {sum(c.nbytes for c in extra) / GB:.2f} GB)"
+    plan = _fit(config, tensors, budget, extra, float_bytes, why, "a shorter --max-seq-len or a smaller rank")
+    plan.context, plan.prefill_step, plan.training = max_seq_len, max_seq_len, True
     return plan
 
 

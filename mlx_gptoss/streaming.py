@@ -148,6 +148,8 @@ class StreamedMoE(nn.Module):
     def __init__(self, moe: nn.Module, layer: int, slots: int, shared: _Shared, float_dtype: mx.Dtype):
         super().__init__()
         self.router = moe.router
+        # the adapters' seam, as on MoE: its delta is indexed by expert, the slots by slot (see _delta)
+        self.experts_lora: nn.Module | None = moe.experts_lora
         self.k, self.limit, self.alpha = moe.k, moe.limit, moe.alpha
         self._layer, self._shared, self._dtype = layer, shared, float_dtype
         g, d = moe.gate_up, moe.down
@@ -289,11 +291,25 @@ class StreamedMoE(nn.Module):
             lut[e] = s
         return mx.array(lut[ids])
 
+    def _delta(self) -> kernels.ExpertsDelta | None:
+        """The adapters' update re-indexed by slot (slot s: its resident expert's A and B).
+
+        A gather from the full [E, ...] arrays, so gradients reach them; it is taken when the
+        kernels are called, from the experts then resident, so a recomputation in the backward
+        pass (gradient checkpointing) pairs each slot with the expert it holds at that time.
+        """
+        if self.experts_lora is None:
+            return None
+        expert_of = np.zeros(self._S, dtype=np.uint32)  # a free slot is never indexed: any expert will do
+        for e, s in self._slot_of.items():
+            expert_of[s] = e
+        return self.experts_lora.delta().select(mx.array(expert_of))
+
     def _dispatch(self, x: mx.array, ids: np.ndarray, weights: mx.array) -> mx.array:
         w = self._w
         return kernels.moe_mxfp4_swiglu(
             x, self._slots(ids), weights, w["gate_up.weight"], w["gate_up.scales"], w["gate_up.bias"],
-            w["down.weight"], w["down.scales"], w["down.bias"], limit=self.limit, alpha=self.alpha,
+            w["down.weight"], w["down.scales"], w["down.bias"], limit=self.limit, alpha=self.alpha, delta=self._delta(),
         )  # fmt: skip
 
     def _grouped(self, x: mx.array, ids: np.ndarray, weights: mx.array, uniq: list[int]) -> mx.array:
@@ -308,6 +324,7 @@ class StreamedMoE(nn.Module):
             y = kernels.moe_mxfp4_pairs(
                 x[mx.array(n_idx)], self._slots(ids[n_idx, k_idx])[:, None], w["gate_up.weight"], w["gate_up.scales"],
                 w["gate_up.bias"], w["down.weight"], w["down.scales"], w["down.bias"], limit=self.limit, alpha=self.alpha,
+                delta=self._delta(),
             )  # fmt: skip
             per_pair[mx.array(n_idx), mx.array(k_idx)] = y[:, 0].astype(mx.float32)
             mx.eval(per_pair)  # the next group may overwrite these slots

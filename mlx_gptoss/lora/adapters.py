@@ -202,22 +202,18 @@ def apply_lora(model: nn.Module, spec: LoRASpec, *, seed: int | None = None) -> 
 
     The model's logits are unchanged until B is trained or loaded. Leaves the model in eval
     mode (dropout off); a training loop calls ``model.train()``. Raises :class:`LoRAError` if the
-    model already has adapters or a layer does not exist, and NotImplementedError for expert
-    adapters on layers whose experts are streamed from disk.
+    model already has adapters or a layer does not exist. Streamed experts (a memory budget) take
+    expert adapters too: :class:`~mlx_gptoss.streaming.StreamedMoE` has the same seam.
     """
-    from ..model import MoE
-
     if lora_parameters(model):
         raise LoRAError("the model already has adapters; call remove_lora(model) first")
     cfg = model.config
     ids = spec.layer_ids(cfg.num_hidden_layers)
     if "experts" in spec.targets:
-        streamed = [i for i in ids if not isinstance(model.layers[i].mlp, MoE)]
-        if streamed:
-            raise NotImplementedError(
-                f"expert adapters on streamed experts (layers {streamed}) are not supported yet; "
-                "load without a memory budget or leave 'experts' out of the targets"
-            )
+        # an MLP without the seam would carry the adapter and silently never apply it
+        unseamed = [i for i in ids if not hasattr(model.layers[i].mlp, "experts_lora")]
+        if unseamed:
+            raise LoRAError(f"layers {unseamed}: the MLP ({type(model.layers[unseamed[0]].mlp).__name__}) has no expert-adapter seam")
     if seed is not None:
         mx.random.seed(seed)
     model.freeze()
