@@ -90,10 +90,13 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
               help="With --memory-budget: the longest prompt + reply to reserve the KV cache for.")
 @click.option("--show-plan", is_flag=True, help="Print the memory plan (with --memory-budget).")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False),
+              help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 def generate(prompt: str | None, model: str, system: str | None, reasoning_effort: str, show_reasoning: bool,
              raw: bool, max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float, seed: int | None,
-             prefill_step: int | None, memory_budget: str | None, context: int, show_plan: bool, as_json: bool) -> None:  # fmt: skip
+             prefill_step: int | None, memory_budget: str | None, context: int, show_plan: bool, adapter: str | None,
+             as_json: bool) -> None:  # fmt: skip
     """Generate a reply to PROMPT (or to standard input when PROMPT is omitted or "-")."""
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -104,7 +107,7 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
     from mlx_gptoss.tokenizer import TokenizerError
 
     try:
-        lm = load(model, memory_budget=memory_budget, context=context, verbose=show_plan)
+        lm = load(model, memory_budget=memory_budget, context=context, verbose=show_plan, adapter=adapter)
     except (ValueError, OSError, TokenizerError) as e:
         raise _Fail(str(e)) from None
 
@@ -169,9 +172,11 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
 @click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
               help="With --memory-budget: the longest conversation to reserve the KV cache for.")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False),
+              help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
 def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reasoning: bool, max_tokens: int | None,
          temp: float, top_p: float, top_k: int, min_p: float, seed: int | None, context_policy: str,
-         load_file: str | None, memory_budget: str | None, context: int) -> None:  # fmt: skip
+         load_file: str | None, memory_budget: str | None, context: int, adapter: str | None) -> None:  # fmt: skip
     """Chat in the terminal: streaming answers, reasoning dimmed, /help for commands and keys."""
     from pathlib import Path
 
@@ -181,7 +186,7 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
     from mlx_gptoss.tokenizer import TokenizerError
 
     try:
-        lm = load(model, memory_budget=memory_budget, context=context, verbose=memory_budget is not None)
+        lm = load(model, memory_budget=memory_budget, context=context, verbose=memory_budget is not None, adapter=adapter)
         n_ctx = context_size(lm)
         if max_tokens is None and n_ctx // 2 < DEFAULT_MAX_TOKENS or max_tokens is not None and max_tokens >= n_ctx:
             # a reply as long as the context would leave no room for the conversation
@@ -372,6 +377,29 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
         click.echo(f"checkpoint saved; resume with: {shlex.join(['mlx-gptoss', *args])}", err=True)
     if plot:
         click.echo(f"loss curve: {plot_metrics(cfg.metrics_path, out / 'loss.png')}", err=True)
+
+
+@lora.command("fuse")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="The converted base model the adapter was trained on.")
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="The adapter folder (mlx-gptoss, PEFT or mlx-lm).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The fused model's folder (must not exist).")
+@click.option("--experts-bf16", is_flag=True, help="Fuse expert adapters into dense bf16 experts (not supported yet: says why).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Storage of the merged float weights (default: the base's; float32 keeps the whole update).")
+@click.option("--check-tokens", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Random tokens for the KL check of fused against unfused (0: skip it).")
+def lora_fuse(model: str, adapter: str, output: str, experts_bf16: bool, dtype: str | None, check_tokens: int) -> None:
+    """Merge an adapter's attention and router updates into a new model folder; report the error."""
+    from mlx_gptoss.lora.fuse import fuse
+    from mlx_gptoss.tokenizer import TokenizerError
+
+    try:
+        fuse(model, adapter, output, experts_bf16=experts_bf16, dtype=dtype, check_tokens=check_tokens)
+    except (ValueError, TokenizerError) as e:
+        raise _Fail(str(e)) from None
+    except OSError as e:  # a failed write: the partial folder is already removed
+        raise _Fail(f"{output}: fuse failed, nothing was left behind: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -135,6 +135,7 @@ def load(
     context: int = 8192,
     prefetch: bool = True,
     verbose: bool = False,
+    adapter: str | Path | None = None,
 ) -> "GptOss":  # noqa: F821
     """Load a converted gpt-oss model (a folder, or a Hugging Face repo id converted once into a cache).
 
@@ -155,6 +156,9 @@ def load(
         context: the longest conversation (prompt + generated tokens) the budget must allow for.
         prefetch: read the experts the next layer will probably need while this one computes.
         verbose: print the memory plan to stderr.
+        adapter: a LoRA adapter folder (ours, PEFT or mlx-lm) to serve unfused: the base stays as
+            stored and the expert update is computed for the routed experts only. An adapter
+            trained on another base is refused (:class:`~mlx_gptoss.lora.adapters.LoRAError`).
 
     Returns a :class:`~mlx_gptoss.model.GptOss` with ``.config`` and ``.tokenizer``. Nothing is
     read from disk until it is used (unless ``lazy=False``), but the weight files are held open
@@ -184,6 +188,8 @@ def load(
     model.stream_stats = None
     if memory_budget is not None:
         _apply_budget(model, path, memory_budget, context, dtype, prefetch, verbose)
+    if adapter is not None:
+        _attach(model, adapter)
     changed = [f.name for f, before in shards.items() if _file_id(f) != before]
     if changed:
         raise LoadError(f"{path}: {', '.join(changed)} changed while the model was loading (a conversion writing there?); load it again")
@@ -192,6 +198,15 @@ def load(
     model.tokenizer = Tokenizer(path)
     model.path = path
     return model
+
+
+def _attach(model, adapter: str | Path) -> None:
+    from .lora.fuse import attach_adapter
+
+    try:
+        attach_adapter(model, adapter)
+    except NotImplementedError as e:  # expert adapters on experts a memory budget streams from disk
+        raise LoadError(f"{adapter}: {e}") from None
 
 
 def _file_id(f: Path) -> tuple[int, ...] | None:
@@ -206,11 +221,14 @@ def _apply_budget(model, path: Path, budget, context: int, dtype, prefetch: bool
     import sys
 
     from .layers import HostEmbedding
-    from .memory import MLX_CACHE, plan_memory, read_tensors
+    from .memory import MLX_CACHE, MemoryPlan, plan_memory, read_tensors
     from .streaming import stream_experts
 
     tensors = read_tensors(path)
-    plan = plan_memory(model.config, tensors, budget, context=context, float_bytes=mx.zeros((), dtype).itemsize)
+    if isinstance(budget, MemoryPlan):  # planned by the caller, e.g. memory.plan_training for LoRA training
+        plan = budget
+    else:
+        plan = plan_memory(model.config, tensors, budget, context=context, float_bytes=mx.zeros((), dtype).itemsize)
     if verbose:
         print(plan.table(), file=sys.stderr)
     if plan.embed_on_host:
