@@ -195,3 +195,22 @@ def test_bad_peft_tensors_are_refused(releases, base, tmp_path):
     mx.save_safetensors(str(weights), {**tensors, "base_model.model.model.embed_tokens.lora_A.weight": mx.zeros((4, 8))})
     with pytest.raises(LoRAError, match="tensor 'base_model.model.model.embed_tokens.lora_A.weight' is not a LoRA tensor"):
         read_adapter(tmp_path, base[0])
+
+
+def test_export_refuses_a_spec_of_another_rank(base, tmp_path):
+    model = base[0]
+    from mlx_gptoss.lora.adapters import remove_lora
+
+    remove_lora(model)
+    apply_lora(model, LoRASpec(rank=2))
+    with pytest.raises(LoRAError, match="has rank 2, the spec says 4"):
+        export_peft(model, tmp_path / "peft", spec=LoRASpec(rank=4))
+    assert not (tmp_path / "peft").exists()
+
+
+def test_a_folder_of_no_known_tool_is_refused(tmp_path):
+    with pytest.raises(LoRAError, match="adapter_config.json: not found"):
+        detect_adapter_format(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"some": "thing"}')
+    with pytest.raises(LoRAError, match="not an adapter config this library reads"):
+        detect_adapter_format(tmp_path)

@@ -277,6 +277,9 @@ def export_peft(model_or_adapter: Any, dst: str | Path, *, spec: LoRASpec | None
             raise LoRAError("the model has no adapters to export (apply_lora or load_adapter first)")
         if spec is None:
             spec = _spec_of(model_or_adapter, flat)
+    wrong = sorted(k for k, v in flat.items() if k.endswith(".lora_a") and v.shape[-2] != spec.rank)
+    if wrong:
+        raise LoRAError(f"adapter tensor {wrong[0]!r} has rank {flat[wrong[0]].shape[-2]}, the spec says {spec.rank}")
     E = next((v.shape[0] for k, v in flat.items() if ".experts_lora." in k), 1)
     key = re.compile(r"^layers\.(\d+)\.(.+)\.lora_([ab])$")
     out, attention, params = {}, set(), set()
