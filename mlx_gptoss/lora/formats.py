@@ -138,13 +138,14 @@ def from_peft(tensors: dict[str, mx.array], config: dict[str, Any], model_config
         if module.startswith("mlp.experts"):
             depth = module.count(".base_layer")
             # the targeted expert parameters of this layer, outermost wrapper first
-            wrapped = [p for p in _PEFT_EXPERT_PARAMS if _peft_matches(f"{prefix}layers.{layer}.mlp.experts.{p}", targets)][::-1]
+            experts = f"{prefix}layers.{layer}.mlp.experts"
+            wrapped = [p for p in _PEFT_EXPERT_PARAMS if _peft_matches(f"{experts}.{p}", targets)][::-1]
             if depth >= len(wrapped):
                 raise LoRAError(f"{source}: {prefix}layers.{layer}.{module}: no expert parameter of "
                                 f"'target_parameters' ({targets}) is wrapped at that depth")  # fmt: skip
             param = wrapped[depth]
-            ours, key = ("mlp.experts_lora.gate_up" if param == "gate_up_proj" else "mlp.experts_lora.down"), f"{prefix}layers.{layer}.mlp.experts.{param}"
-            n = E
+            ours = "mlp.experts_lora.gate_up" if param == "gate_up_proj" else "mlp.experts_lora.down"
+            key, n = f"{experts}.{param}", E
         else:
             ours, key, n = module, f"{prefix}layers.{layer}.{module}" + (".weight" if module == "mlp.router" else ""), 1
         d_in, d_out = _dims(model_config)[ours]
