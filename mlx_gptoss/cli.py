@@ -216,14 +216,26 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
 @main.command()
 @click.option("-m", "--model", default=None, help="A converted model folder to size up.")
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1))
-def doctor(model: str | None, context: int) -> None:
+@click.option("--train-seq-len", default=None, type=click.IntRange(min=2), help="Plan LoRA training on sequences this long instead.")
+@click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=1), help="With --train-seq-len.")
+@click.option("--lora-targets", default="attention", show_default=True, help="With --train-seq-len: attention, router, experts.")
+@click.option("--lora-layers", default="all", show_default=True, help='With --train-seq-len: "all", "last:N" or 0,1,2.')
+def doctor(model: str | None, context: int, train_seq_len: int | None, lora_rank: int, lora_targets: str, lora_layers: str) -> None:
     """This machine's memory and GPU limit, the model's components, and a budget that fits."""
     from pathlib import Path
 
     from mlx_gptoss.doctor import report
 
     try:
-        click.echo(report(None if model is None else Path(model).expanduser(), context))
+        spec = None
+        if train_seq_len is not None and model is not None:
+            from mlx_gptoss.config import GptOssConfig
+            from mlx_gptoss.lora.adapters import LoRASpec
+
+            n_layers = GptOssConfig.from_file(Path(model).expanduser() / "config.json").num_hidden_layers
+            spec = LoRASpec(rank=lora_rank, alpha=2.0 * lora_rank, targets=tuple(t.strip() for t in lora_targets.split(",")),
+                            layers=_parse_layers(lora_layers, n_layers))  # fmt: skip
+        click.echo(report(None if model is None else Path(model).expanduser(), context, train_seq_len=train_seq_len, lora_spec=spec))
     except (ValueError, OSError) as e:
         raise _Fail(str(e)) from None
 

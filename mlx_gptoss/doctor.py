@@ -7,7 +7,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from .memory import GB, BudgetError, plan_memory, read_tensors
+from .memory import GB, BudgetError, plan_memory, plan_training, read_tensors
 
 # A Mac keeps this much of the GPU working set (or of RAM, elsewhere) free for the system and apps.
 HEADROOM = 0.1
@@ -42,9 +42,11 @@ def machine() -> Machine:
     return Machine(f"{platform.system()} {platform.machine()}", ram, backend, gpu_limit)
 
 
-def report(model_dir: Path | None, context: int = 8192) -> str:
+def report(model_dir: Path | None, context: int = 8192, *, train_seq_len: int | None = None, lora_spec=None) -> str:  # noqa: ANN001
     """The machine's memory and, for a converted ``model_dir``, its memory plan and a verdict.
 
+    With ``train_seq_len`` (and a :class:`~mlx_gptoss.lora.adapters.LoRASpec`, default rank 8 on
+    attention), the plan of LoRA training on sequences that long instead of inference's.
     Raises ValueError subclasses (naming the file) for a folder that is not a valid converted checkpoint.
     """
     m = machine()
@@ -69,6 +71,8 @@ def report(model_dir: Path | None, context: int = 8192) -> str:
     _format_check(model_dir, raw)
     config = GptOssConfig.from_dict(raw, source=str(model_dir / "config.json"))
     tensors = read_tensors(model_dir)
+    if train_seq_len is not None:
+        return "\n".join(lines + _training(config, tensors, train_seq_len, lora_spec, budget))
     full = plan_memory(config, tensors, None, context=context)
     lines += ["", f"model {model_dir} ({context}-token context), everything resident:", full.table(), ""]
     quantized = dict(config.quantization)
@@ -86,3 +90,23 @@ def report(model_dir: Path | None, context: int = 8192) -> str:
         lines.append("hint: re-convert with `mlx-gptoss convert SRC DST --preset 16gb` (8-bit attention, unembedding, "
                      "embedding) to keep more experts resident.")  # fmt: skip
     return "\n".join(lines)
+
+
+def _training(config, tensors, seq_len: int, spec, budget: int) -> list[str]:  # noqa: ANN001
+    from .lora.adapters import LoRASpec
+
+    spec = spec if spec is not None else LoRASpec(rank=8, alpha=16.0)
+    layers = "all layers" if spec.layers is None else f"layers {','.join(map(str, spec.layers))}"
+    what = f"LoRA rank {spec.rank} on {', '.join(spec.targets)} of {layers}, batch 1 x {seq_len} tokens"
+    full = plan_training(config, tensors, spec, max_seq_len=seq_len)
+    lines = ["", f"training ({what}), everything resident:", full.table(), ""]
+    if full.mlx_bytes <= budget:
+        return lines + ["verdict: training fits; no budget needed."]
+    try:
+        plan = plan_training(config, tensors, spec, max_seq_len=seq_len, budget=budget)
+        lines += [f"at the recommended budget of {budget / GB:.1f} GB:", plan.table()]
+        if plan.streaming:
+            lines.append(f"verdict: trains with expert streaming ({plan.expert_slots}/{plan.n_experts} experts per layer resident).")
+    except BudgetError as e:
+        lines.append(f"verdict: does not fit the recommended budget: {e}")
+    return lines

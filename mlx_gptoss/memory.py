@@ -248,7 +248,7 @@ def plan_training(
     P = lora_parameter_count(config, spec)
     acts = training_activation_bytes(config, max_seq_len, batch_size=batch_size, loss_chunk=loss_chunk, float_bytes=float_bytes)
     extra = [
-        Component(f"adapters ({P / 1e6:.1f}M parameters, float32)", 4 * P, "MLX"),
+        Component(f"adapters ({P / 1e6:.1f}M params, float32)", 4 * P, "MLX"),
         Component("adapter gradients", 4 * P, "MLX"),
         Component("AdamW state (2 moments)", 8 * P, "MLX"),
     ] + [Component(f"{name} (T={max_seq_len}, B={batch_size})", n, "MLX") for name, n in acts.items()]

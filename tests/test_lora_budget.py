@@ -132,3 +132,17 @@ def test_training_plan_counts_adapters_optimizer_and_activations(tiny_model_dir)
     assert tight.expert_slots == TINY.num_local_experts - 3 and tight.mlx_bytes <= budget
     with pytest.raises(BudgetError, match=r"training on 1 x 64 tokens .* shorter --max-seq-len"):
         plan_training(TINY, tensors, spec, max_seq_len=64, budget=extras, float_bytes=4)
+
+
+def test_cli_doctor_prints_the_training_plan(tiny_model_dir):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mlx_gptoss.cli", "doctor", "-m", str(tiny_model_dir), "--train-seq-len", "64",
+           "--lora-rank", "4", "--lora-targets", "attention,experts", "--lora-layers", "last:2"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "LoRA rank 4 on attention, experts of layers 2,3, batch 1 x 64 tokens" in res.stdout
+    assert "AdamW state" in res.stdout and "saved block inputs (T=64, B=1)" in res.stdout and "KV cache" not in res.stdout
+    bad = subprocess.run(cmd[:-2] + ["--lora-layers", "last:9"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "1..4" in bad.stderr + bad.stdout
