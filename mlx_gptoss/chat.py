@@ -8,7 +8,8 @@ Each turn prefills only what is new: the cache is cut back to the longest common
 of what it holds and the new rendering (harmony drops earlier turns' reasoning when it
 re-renders, so the reply of the previous turn is usually recomputed, never reused wrongly).
 Sliding-window layers cannot be cut back by themselves; the session keeps small snapshots of
-them at message boundaries and restores the nearest one.
+them at message boundaries and restores the nearest one (:mod:`mlx_gptoss.kvreuse`, which the
+server's prompt cache shares).
 
 A turn that fails changes nothing (options, text and the fitted prompt are checked before the
 conversation changes; anything raised later, KeyboardInterrupt included, is rolled back). When
@@ -26,13 +27,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import mlx.core as mx
 
-from .cache import SlidingKVCache
 from .generate import GenerationResult, PromptTooLongError, make_sampler, stream_tokens
 from .harmony import (CommentaryDelta, Event, FinalDelta, HarmonyStream, ReasoningDelta, ToolCall, ToolCallCompleted,
-                      system_message)  # fmt: skip
+                      developer_message, for_rendering, system_message)  # fmt: skip
+from .kvreuse import KVState
 from .tools import Tool, as_tool
 
-MAX_SNAPSHOTS = 8
 DEFAULT_MAX_TOKENS = 2048
 # "rolling" (the default) drops turns in bulk, so the KV cache is reused between drops; "drop_oldest"
 # keeps the most history but, once the context is full, recomputes the whole prompt every turn
@@ -60,6 +60,8 @@ class Reply:
     problems: list[str] = field(default_factory=list)  # malformed model output, as found
     dropped_turns: int = 0  # oldest turns this turn hid from the model to fit the context
     stats: GenerationResult = field(default_factory=GenerationResult)
+    # the assistant's openai-harmony Messages this turn added to the conversation
+    messages: list = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class ChatSession:
             self._messages = list(_messages)
         else:
             self._messages = [system_message(reasoning_effort, identity=system, today=today)]
-            dev = self._developer_message(instructions)
+            dev = developer_message(instructions, self.tools.values())
             if dev is not None:
                 self._messages.append(dev)
         self._hidden = 0  # leading conversation messages (not system/developer) the model no longer sees
@@ -153,7 +155,8 @@ class ChatSession:
         mx.eval(model.parameters())
         self._n_calls = 0  # tool-call ids handed out so far
         self.last_prompt_ids: list[int] = []
-        self._reset_cache()
+        start, end = (self.encoding.encode(t, allowed_special="all")[0] for t in ("<|start|>", "<|end|>"))
+        self._kv = KVState(model, boundaries=(start, end))  # snapshots where a later rendering may diverge
 
     # -- the conversation as data --------------------------------------------------------------
 
@@ -204,7 +207,7 @@ class ChatSession:
         """Forget the conversation, keep the system and developer messages (and settings)."""
         self._messages = [m for m in self._messages if _is_instruction(m)]
         self._hidden = 0
-        self._reset_cache()
+        self._kv.reset()
 
     @property
     def reasoning_effort(self) -> str:
@@ -261,6 +264,27 @@ class ChatSession:
         content = result if isinstance(result, str) else json.dumps(result, default=str)
         msg = Message.from_author_and_content(Author.new(Role.TOOL, recipient), _checked_text(content, "the tool result"))
         return self._turn(msg.with_recipient("assistant").with_channel("commentary"), opts)
+
+    def stream_reply(self, messages: Sequence[Any], *, kv: KVState | None = None, **options: Any) -> Iterator[Event | Done]:
+        """Make ``messages`` the conversation and stream the assistant's reply to it (for servers,
+        whose clients send the whole conversation each time).
+
+        ``messages`` are openai-harmony Messages: the system message (reasoning effort), the
+        developer message (instructions and tools) and the turns, the last one a user or tool
+        message. The conversation is rendered exactly as the session's own turns are, so the KV
+        cache is reused for the prefix it shares with what was computed before. ``kv`` is the
+        KV state to continue (default: the session's own); it is updated in place. Options as
+        :meth:`send`; a failure leaves the session (and ``kv``) as they were.
+        """
+        from openai_harmony import Message
+
+        opts = self._options(options)
+        messages = list(messages)
+        if not messages or not all(isinstance(m, Message) for m in messages):
+            raise TypeError("messages must be a non-empty list of openai-harmony Messages")
+        if _is_instruction(messages[-1]):
+            raise ValueError("the conversation must end with a user, tool or assistant message, not instructions")
+        return self._turn(messages[-1], opts, history=messages[:-1], kv=kv)
 
     def run(self, text: str, *, max_steps: int = 8, **options: Any) -> Reply:
         """Send ``text`` and execute the model's tool calls with the session's Python tools,
@@ -325,7 +349,7 @@ class ChatSession:
         from openai_harmony import Conversation, Role
 
         try:
-            return self.encoding.render_conversation_for_completion(Conversation.from_messages(_for_rendering(messages)), Role.ASSISTANT)
+            return self.encoding.render_conversation_for_completion(Conversation.from_messages(for_rendering(messages)), Role.ASSISTANT)
         except Exception as e:  # noqa: BLE001 - openai-harmony raises its own error types
             raise ValueError(f"the conversation cannot be rendered in the harmony format: {e}") from None
         except BaseException as e:
@@ -381,156 +405,102 @@ class ChatSession:
         except Exception as e:  # noqa: BLE001 - the model should hear about any tool failure
             return {"error": f"{type(e).__name__}: {e}"}
 
-    def _developer_message(self, instructions: str | None):
-        from openai_harmony import DeveloperContent, Message, Role, ToolDescription
-
-        if not instructions and not self.tools:
-            return None
-        content = DeveloperContent.new()
-        if instructions:
-            content = content.with_instructions(instructions)
-        if self.tools:
-            content = content.with_function_tools(
-                [ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in self.tools.values()]
-            )
-        return Message.from_role_and_content(Role.DEVELOPER, content)
-
     def _system_index(self) -> int | None:
         from openai_harmony import Role
 
         return next((i for i, m in enumerate(self._messages) if m.author.role == Role.SYSTEM), None)
 
-    def _reset_cache(self) -> None:
-        self._cache = self.model.make_cache()
-        self._tokens: list[int] = []  # what the cache holds, position by position
-        self._snaps: dict[int, list] = {}  # position -> sliding caches' state there
+    @property
+    def _tokens(self) -> list[int]:
+        """What the session's KV cache holds, position by position."""
+        return self._kv.tokens
 
-    def _snapshot(self) -> None:
-        pos = self._cache[0].offset
-        self._snaps[pos] = [c.snapshot() if isinstance(c, SlidingKVCache) else None for c in self._cache]
-        for old in sorted(self._snaps)[:-MAX_SNAPSHOTS]:
-            del self._snaps[old]
-
-    def _reuse(self, ids: list[int]) -> int:
-        """Cut the cache back to what the new rendering shares with it; returns how many it keeps."""
-        if not self.reuse_kv:
-            self._reset_cache()
-            return 0
-        p, limit = 0, min(len(self._tokens), len(ids) - 1)
-        while p < limit and self._tokens[p] == ids[p]:
-            p += 1
-        held = self._cache[0].offset if self._cache else 0
-        if p < held:
-            if any(isinstance(c, SlidingKVCache) for c in self._cache):
-                # sliding layers go back only to a snapshot
-                s = max((k for k in self._snaps if k <= p), default=None)
-                if s is None:
-                    self._reset_cache()
-                    return 0
-                for c, snap in zip(self._cache, self._snaps[s]):
-                    if snap is not None:
-                        c.restore(snap)
-                p = s
-            for c in self._cache:
-                if not isinstance(c, SlidingKVCache):
-                    c.trim(c.offset - p)
-        self._snaps = {k: v for k, v in self._snaps.items() if k <= p}
-        self._tokens = self._tokens[:p]
-        return p
-
-    def _turn(self, message, opts: dict) -> Iterator[Event | Done]:
+    def _turn(self, message, opts: dict, *, history: list | None = None, kv: KVState | None = None) -> Iterator[Event | Done]:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this chat session is already generating")
+        kv = self._kv if kv is None else kv
         saved = (self._messages, self._hidden, self._n_calls, self.last_prompt_ids)
-        ids: list[int] = []
-        generated: list[int] = []
-        tokens = None
-        cache_state = "untouched"  # -> "cutting" -> "holds ids": what a failure must do to the cache
         done = False
         try:
             self._cancel.clear()
-            messages = [*self._messages, message]
-            ids, hidden = self._fit(messages, self._hidden, opts["max_tokens"])
-            dropped = sum(1 for c in _turn_starts(messages, self._hidden) if c <= hidden)
+            messages = [*(self._messages if history is None else history), message]
+            was_hidden = self._hidden if history is None else 0
+            ids, hidden = self._fit(messages, was_hidden, opts["max_tokens"])
+            dropped = sum(1 for c in _turn_starts(messages, was_hidden) if c <= hidden)
             # nothing has changed so far; from here on a failure restores `saved`
             self._messages, self._hidden = messages, hidden
             self.last_prompt_ids = list(ids)  # what this turn was generated from
-            cache_state = "cutting"
-            cached = self._reuse(ids)
-            cache_state = "holds ids"
+            if not self.reuse_kv:
+                kv.reset()
             call_ids = _CallIds(self._n_calls)
-            parser = HarmonyStream(self.encoding, call_ids=call_ids)
-            boundaries = {parser.special["<|start|>"], parser.special["<|end|>"]}
-            stop_text = _StopText(opts["stop"])
-            reply = Reply(dropped_turns=dropped)
+            for ev in generate_reply(self.model, kv, ids, opts, call_ids=call_ids, cancel=self._cancel):
+                if isinstance(ev, Done):
+                    ev.reply.dropped_turns = dropped
+                    self._messages = self._messages + ev.reply.messages
+                    self._n_calls = call_ids.n
+                    done = True  # a consumer that stops at Done keeps the turn
+                yield ev
+        except BaseException:
+            if not done:
+                self._messages, self._hidden, self._n_calls, self.last_prompt_ids = saved
+            raise
+        finally:
+            self._lock.release()
 
-            def on_fed(token: int) -> None:
-                if token in boundaries:
-                    self._snapshot()  # a place where a later rendering may diverge
 
-            tokens = stream_tokens(
-                self.model, ids, max_tokens=opts["max_tokens"], seed=opts.get("seed"), sampler=opts["sampler"],
-                stop_tokens=self.model.tokenizer.stop_tokens, cache=self._cache, cached=cached,
-                cancel=self._cancel, on_fed=on_fed, on_prefilled=self._snapshot, stats=reply.stats,
-                prefill_step=opts.get("prefill_step"),
-            )  # fmt: skip
-            for tok in tokens:
-                generated.append(tok)
-                for ev in parser.add(tok):
-                    if isinstance(ev, FinalDelta):
-                        ev = stop_text.feed(ev.text)
-                    if ev is not None:
-                        _accumulate(reply, ev)
-                        yield ev
-                if stop_text.hit:
-                    break
-            for ev in [stop_text.flush(), *parser.finish()]:
+def generate_reply(model, kv: KVState, ids: list[int], opts: dict, *, call_ids: Any = None,
+                   cancel: Any = None) -> Iterator[Event | Done]:  # fmt: skip
+    """Generate the assistant's reply to the rendered prompt ``ids``, continuing ``kv``: events
+    as tokens arrive, then :class:`Done`. ``opts`` are checked turn options (``sampler``,
+    ``max_tokens``, ``stop``, ``seed``, ``prefill_step``); ``call_ids`` hands out tool-call ids.
+
+    However it ends, ``kv`` holds what was computed (nothing lazy), ready for the next prompt.
+    """
+    generated: list[int] = []
+    tokens = None
+    settled = False
+    try:
+        cached = kv.reuse(ids)  # a failure inside leaves kv empty, never half cut
+        parser = HarmonyStream(model.tokenizer.encoding, call_ids=call_ids)
+        stop_text = _StopText(opts["stop"])
+        reply = Reply()
+        tokens = stream_tokens(
+            model, ids, max_tokens=opts["max_tokens"], seed=opts.get("seed"), sampler=opts["sampler"],
+            stop_tokens=model.tokenizer.stop_tokens, cache=kv.cache, cached=cached,
+            cancel=cancel, on_fed=kv.fed, on_prefilled=kv.snapshot, stats=reply.stats,
+            prefill_step=opts.get("prefill_step"),
+        )  # fmt: skip
+        for tok in tokens:
+            generated.append(tok)
+            for ev in parser.add(tok):
+                if isinstance(ev, FinalDelta):
+                    ev = stop_text.feed(ev.text)
                 if ev is not None:
                     _accumulate(reply, ev)
                     yield ev
             if stop_text.hit:
-                reply.stats.finish_reason = "stop"
-            elif reply.stats.finish_reason == "stop" and generated[-1] == parser.special["<|call|>"]:
-                reply.stats.finish_reason = "tool_calls"
-            reply.finish_reason = reply.stats.finish_reason
-            reply.problems = list(parser.problems)
-            self._messages = self._messages + _assistant_messages(parser.messages, stop_text)
-            self._n_calls = call_ids.n
-            self._settle_cache(ids + generated)
-            done = True  # a consumer that stops at Done keeps the turn
-            yield Done(reply)
-        except BaseException:
-            if not done:
-                self._messages, self._hidden, self._n_calls, self.last_prompt_ids = saved
-                if cache_state == "holds ids":
-                    self._settle_cache(ids + generated)
-                elif cache_state == "cutting":
-                    self._reset_cache()
-            raise
-        finally:
-            if tokens is not None:
-                tokens.close()  # an abandoned generation lets go of the model now, not at garbage collection
-            self._lock.release()
-
-    def _settle_cache(self, fed: list[int]) -> None:
-        """Record what the cache holds after a turn (``fed`` is what it was given, in order) and
-        leave nothing lazy; a cache left inconsistent by an interruption is dropped."""
-        offsets = {c.offset for c in self._cache}
-        if len(offsets) != 1:  # interrupted between layers: its state cannot be trusted
-            self._reset_cache()
-            return
-        self._tokens = fed[: offsets.pop()]
-        self._snaps = {k: v for k, v in self._snaps.items() if k <= len(self._tokens)}
-        try:
-            self._materialize()
-        except Exception:  # noqa: BLE001 - whatever failed the turn may fail here too; start clean
-            self._reset_cache()
-
-    def _materialize(self) -> None:
-        # MLX evaluates a lazy array only in the thread that built it: leave nothing lazy, so the
-        # next turn may run in another thread (an app's worker thread, or its main thread).
-        snaps = [a for per_pos in self._snaps.values() for snap in per_pos if snap is not None for a in snap[:2]]
-        mx.eval([c.state for c in self._cache], [a for a in snaps if a is not None])
+                break
+        for ev in [stop_text.flush(), *parser.finish()]:
+            if ev is not None:
+                _accumulate(reply, ev)
+                yield ev
+        if stop_text.hit:
+            reply.stats.finish_reason = "stop"
+        elif reply.stats.finish_reason == "stop" and generated[-1] == parser.special["<|call|>"]:
+            reply.stats.finish_reason = "tool_calls"
+        reply.finish_reason = reply.stats.finish_reason
+        reply.problems = list(parser.problems)
+        reply.messages = _assistant_messages(parser.messages, stop_text)
+        settled = True
+        kv.settle(ids + generated)
+        yield Done(reply)
+    except BaseException:
+        if not settled:
+            kv.settle(ids + generated)  # what the caches hold is still valid (or dropped if it is not)
+        raise
+    finally:
+        if tokens is not None:
+            tokens.close()  # an abandoned generation lets go of the model now, not at garbage collection
 
 
 class _CallIds:
@@ -590,17 +560,6 @@ def _checked_text(text: Any, what: str) -> str:
 def _is_panic(e: BaseException) -> bool:
     # pyo3 raises its PanicException (a BaseException, in no importable module) when Rust panics
     return type(e).__name__ == "PanicException"
-
-
-def _for_rendering(messages: list) -> list:
-    """The conversation as the model should see it: reasoning of answered turns dropped.
-
-    harmony's renderer drops it only when a user message comes last, not in the middle of a
-    tool loop; dropping it here, always, follows harmony's rule for earlier turns and keeps
-    renderings of consecutive calls consistent (so the KV cache can be reused).
-    """
-    last_final = max((i for i, m in enumerate(messages) if m.channel == "final"), default=-1)
-    return [m for i, m in enumerate(messages) if not (m.channel == "analysis" and i < last_final)]
 
 
 class _StopText:

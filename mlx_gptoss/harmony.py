@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Union
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding, Message
@@ -27,6 +27,35 @@ def system_message(reasoning_effort: Effort = "medium", *, identity: str | None 
     if identity:
         content = content.with_model_identity(identity)
     return Message.from_role_and_content(Role.SYSTEM, content)
+
+
+def developer_message(instructions: str | None, tools: Iterable[Any] = ()) -> "Message | None":
+    """Harmony's developer message: the instructions and the function tools (objects with
+    ``name``, ``description`` and ``parameters``, e.g. :class:`~mlx_gptoss.tools.Tool`); None
+    when there is neither."""
+    from openai_harmony import DeveloperContent, Message, Role, ToolDescription
+
+    tools = list(tools)
+    if not instructions and not tools:
+        return None
+    content = DeveloperContent.new()
+    if instructions:
+        content = content.with_instructions(instructions)
+    if tools:
+        content = content.with_function_tools([ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in tools])
+    return Message.from_role_and_content(Role.DEVELOPER, content)
+
+
+def for_rendering(messages: list["Message"]) -> list["Message"]:
+    """The conversation as the model should see it: the reasoning of answered turns dropped.
+
+    harmony's renderer drops it only when a user message comes last, not in the middle of a
+    tool loop; dropping it here, always, follows harmony's rule for earlier turns (the analysis
+    since the last final answer stays) and keeps renderings of consecutive calls consistent, so
+    a KV cache can be reused. Chat sessions, the server and LoRA data all render through this.
+    """
+    last_final = max((i for i, m in enumerate(messages) if m.channel == "final"), default=-1)
+    return [m for i, m in enumerate(messages) if not (m.channel == "analysis" and i < last_final)]
 
 
 def render_prompt(

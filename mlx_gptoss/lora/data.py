@@ -36,10 +36,9 @@ import json
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from ..harmony import EFFORTS, system_message
+from ..harmony import EFFORTS, developer_message, for_rendering, system_message
 from ..tools import as_tool
 
 if TYPE_CHECKING:
@@ -268,8 +267,6 @@ def _chat(record: dict, where: str, effort: str, today: date) -> list["Message"]
     """The OpenAI-style chat as the harmony messages ChatSession would hold for it."""
     from openai_harmony import Author, Message, Role
 
-    from ..chat import ChatSession
-
     tools = _tools(record, where)
     instructions: list[str] = []
     out: list[Message] = []
@@ -322,7 +319,7 @@ def _chat(record: dict, where: str, effort: str, today: date) -> list["Message"]
             msg = Message.from_author_and_content(Author.new(Role.TOOL, recipient), _text(m, f, where))
             results[k] = msg.with_recipient("assistant").with_channel("commentary")
     flush(more=False)
-    dev = ChatSession._developer_message(SimpleNamespace(tools=tools), "\n\n".join(instructions) or None)
+    dev = developer_message("\n\n".join(instructions) or None, tools.values())
     return [system_message(_effort(record, where, effort), today=today), *([dev] if dev is not None else []), *out]
 
 
@@ -440,13 +437,11 @@ def _turns(messages: list["Message"]) -> list[tuple[int, int]]:
 def _sequences(messages: list["Message"], enc: "HarmonyEncoding", train_on: str, line: int, where: str) -> list[Example]:
     from openai_harmony import Conversation, RenderConversationConfig, Role
 
-    from ..chat import _for_rendering
-
     keep = RenderConversationConfig(auto_drop_analysis=False)  # the turn's own reasoning stays
     end, ret, call = (enc.encode(t, allowed_special="all")[0] for t in ("<|end|>", "<|return|>", "<|call|>"))
     out: list[Example] = []
     for lo, hi in _turns(messages):
-        context, turn = _for_rendering(messages[:lo]), messages[lo:hi]
+        context, turn = for_rendering(messages[:lo]), messages[lo:hi]
         # the prompt exactly as ChatSession renders it before generating this turn
         prompt = enc.render_conversation_for_completion(Conversation.from_messages(context), Role.ASSISTANT)
         full = enc.render_conversation(Conversation.from_messages(context + turn), keep)
