@@ -214,6 +214,38 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
 
 
 @main.command()
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback needs --api-key.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", default=None, envvar="MLX_GPTOSS_API_KEY", help="Require 'Authorization: Bearer KEY' (or set MLX_GPTOSS_API_KEY).")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False),
+              help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
+@click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
+@click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="With --memory-budget: the longest prompt + reply to reserve the KV cache for.")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=1), help="Requests waiting beyond this get 429.")
+@click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Longest reply a request may ask for  [default: half the context]")
+@click.option("--cors-origin", default=None, help="The one browser origin allowed to call the API (default: none).")
+def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | None, memory_budget: str | None, context: int,
+          max_queue: int, max_tokens: int | None, cors_origin: str | None) -> None:  # fmt: skip
+    """Serve the model over HTTP: OpenAI's Responses API and Chat Completions (see README "Serve")."""
+    try:
+        from mlx_gptoss.server.app import is_loopback, serve as run
+    except ImportError as e:
+        raise _Fail(f"the server needs its extra: pip install 'mlx-gptoss[server]' ({e.name} is missing)") from None
+    from mlx_gptoss.tokenizer import TokenizerError
+
+    if not is_loopback(host) and not api_key:  # checked before the model loads: fail fast
+        raise _Fail(f"--host {host} is reachable from other machines: set --api-key too (or serve on 127.0.0.1)")
+    try:
+        run(model, host=host, port=port, api_key=api_key, adapter=adapter, memory_budget=memory_budget, context=context,
+            max_queue=max_queue, max_tokens=max_tokens, cors_origin=cors_origin)  # fmt: skip
+    except (ValueError, OSError, TokenizerError) as e:
+        raise _Fail(str(e)) from None
+
+
+@main.command()
 @click.option("-m", "--model", default=None, help="A converted model folder to size up.")
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1))
 @click.option("--train-seq-len", default=None, type=click.IntRange(min=2), help="Plan LoRA training on sequences this long instead.")
