@@ -65,16 +65,48 @@ def attach_adapter(model: Any, src: str | Path) -> LoRASpec:
     return spec
 
 
-def mxfp4_update_loss(codes: mx.array, scales: mx.array, delta: mx.array) -> float:
-    """The part of an update lost by re-quantizing W + ΔW into MXFP4: ‖Q(W + ΔW) − W − ΔW‖ / ‖ΔW‖.
+def mxfp4_update_loss(codes: mx.array, scales: mx.array, delta: mx.array, *, keep_scales: bool = False) -> float:
+    """The part of an update lost by re-quantizing W + ΔW into MXFP4: ‖Q(W + ΔW) − Q(W) − ΔW‖ / ‖ΔW‖.
 
-    ``codes`` [out, in/8] u32 and ``scales`` [out, in/32] u8 are one expert's stored MXFP4 map,
-    ``delta`` [out, in]. 1.0 means the fused expert is the base again; 0.0, the update is kept.
+    ``codes`` [out, in/8] u32 and ``scales`` [out, in/32] u8 are one expert's stored MXFP4 map W,
+    ``delta`` [out, in]. Q is MLX's quantizer, or with ``keep_scales`` the nearest E2M1 code on
+    W's own scales (the best a re-quantization can do without touching the scales). Measured
+    against Q(W), not W, so what the quantizer does to W alone (:func:`mxfp4_requant_change`) is
+    not counted as the update's. 1.0: the update is gone; above 1, the fuse moved the expert
+    further from W + ΔW than W is.
     """
-    w = mx.dequantize(codes, scales, group_size=32, bits=4, mode="mxfp4").astype(mx.float32)
-    merged = w + delta.astype(mx.float32)
-    back = mx.dequantize(*mx.quantize(merged, group_size=32, bits=4, mode="mxfp4"), group_size=32, bits=4, mode="mxfp4")
-    return (mx.linalg.norm((back - merged).flatten()) / mx.linalg.norm(delta.astype(mx.float32).flatten())).item()
+    w = _dequant_mxfp4(codes, scales)
+    d = delta.astype(mx.float32)
+    if keep_scales:
+        s = mx.repeat(mx.power(2.0, scales.astype(mx.float32) - 127), 32, axis=-1)
+        kept = (_round_e2m1((w + d) / s) - _round_e2m1(w / s)) * s
+    else:
+        kept = _requant_mxfp4(w + d) - _requant_mxfp4(w)
+    return (mx.linalg.norm((kept - d).flatten()) / mx.linalg.norm(d.flatten())).item()
+
+
+def _round_e2m1(v: mx.array) -> mx.array:
+    """The nearest MXFP4 element value (E2M1: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives)."""
+    a = mx.abs(v)
+    # midpoints between neighbouring codes; counting those below |v| gives the code's index
+    mids = mx.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    grid = mx.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    idx = sum((a > m).astype(mx.int32) for m in mids.tolist())
+    return mx.sign(v) * grid[idx]
+
+
+def mxfp4_requant_change(codes: mx.array, scales: mx.array) -> float:
+    """‖Q(W) − W‖ / ‖W‖ for a stored MXFP4 map W: 0 when MLX's quantizer gives the stored codes back."""
+    w = _dequant_mxfp4(codes, scales)
+    return (mx.linalg.norm((_requant_mxfp4(w) - w).flatten()) / mx.linalg.norm(w.flatten())).item()
+
+
+def _dequant_mxfp4(codes: mx.array, scales: mx.array) -> mx.array:
+    return mx.dequantize(codes, scales, group_size=32, bits=4, mode="mxfp4").astype(mx.float32)
+
+
+def _requant_mxfp4(w: mx.array) -> mx.array:
+    return _dequant_mxfp4(*mx.quantize(w, group_size=32, bits=4, mode="mxfp4"))
 
 
 @dataclass
@@ -324,10 +356,11 @@ def _experts_refusal(model: Any, spec: LoRASpec, src: Path, adapter_dir: Path, e
     # ‖B_e A_e‖² = trace(BᵀB · AAᵀ): each expert's update size without forming it
     norms = mx.sum((b.swapaxes(1, 2) @ b) * (a @ a.swapaxes(1, 2)), axis=(1, 2))
     e = int(mx.argmax(norms).item())
-    lost = mxfp4_update_loss(g.weight[e], g.scales[e], lora.scale * (b[e] @ a[e]))
+    delta = lora.scale * (b[e] @ a[e])
+    lost, kept_scales = (mxfp4_update_loss(g.weight[e], g.scales[e], delta, keep_scales=k) for k in (False, True))
     return (f"{adapter_dir}: the adapter trains the experts (layers {', '.join(map(str, layers))}); re-quantizing "
-            f"them into MXFP4 would lose {lost:.1%} of the update (measured on layer {i}, expert {e}'s gate_up, "
-            f"its largest), so expert adapters are not fused; {serve}")  # fmt: skip
+            f"them into MXFP4 would lose {lost:.1%} of the update ({kept_scales:.1%} even keeping the base's scales; "
+            f"measured on layer {i}, expert {e}'s gate_up, its largest update), so expert adapters are not fused; {serve}")  # fmt: skip
 
 
 def _log_softmax(logits: mx.array) -> mx.array:
