@@ -25,8 +25,8 @@ from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo,
 
 from .destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, check_replaceable, destination,
                           remove_stale, signals_as_errors)  # fmt: skip
-from .layout import (BLOCKS, CONCAT, COPY, FORMAT_NAME, FORMAT_VERSION, QLIN_B, QLIN_OPS, QLIN_S, QLIN_W, QUANT_S, QUANT_W,
-                     quantizable, rule_for)  # fmt: skip
+from .layout import (BLOCKS, CONCAT, COPY, DENSE_LAYOUTS, FORMAT_NAME, FORMAT_VERSION, INTERLEAVE, QLIN_B, QLIN_OPS, QLIN_S,
+                     QLIN_W, QUANT_S, QUANT_ST, QUANT_W, QUANT_WT, quantizable, rule_for)  # fmt: skip
 from .source import INDEX, ConversionError, Release, open_release
 from .vocab import O200K_BASE_SHA256, TIKTOKEN_FILE, tiktoken_from_tokenizer_json
 
@@ -85,9 +85,10 @@ def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
     """
     config = config or release.config
     out, used = [], set()
+    stored = dict(release.config.quantization)  # components the source already holds quantized (mlx-lm)
     for ours, (shape, kind) in _expected_params(config).items():
         comp = quantizable(ours)
-        spec = config.quant(comp) if comp else None
+        spec = config.quant(comp) if comp and comp not in stored else None
         module, _, leaf = ours.rpartition(".")
         rule, i = rule_for(module + ".weight" if spec else ours)
         templates, op = rule.sources[release.layout]
@@ -103,7 +104,7 @@ def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
             dtype = {"weight": "U32", "scales": "U8" if spec.mode == "mxfp8" else src.dtype, "biases": src.dtype}[leaf]
             out.append(Planned(ours, dtype, shape, QLIN_OPS[leaf], infos, spec))
         elif op in (COPY, CONCAT):
-            want = "U8" if kind == "U8" else " or ".join(FLOATS)
+            want = kind if kind != "float" else " or ".join(FLOATS)
             got = (sum(x.shape[0] for x in infos), *src.shape[1:]) if op == CONCAT else src.shape
             dtypes_ok = all(x.dtype == src.dtype for x in infos) and (src.dtype in FLOATS or src.dtype == kind)
             if got != shape or not dtypes_ok:
@@ -115,12 +116,20 @@ def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
             if src.shape != want_shape or src.dtype != "U8":
                 raise _mismatch(release, src, ours, f"U8 {list(want_shape)}")
             out.append(Planned(ours, "U32", shape, op, infos))
-        elif op in (QUANT_W, QUANT_S):
+        elif op == INTERLEAVE:
+            E, n2, *rest = shape
+            want_shape = (E, n2 // 2, *rest)
+            if any(x.shape != want_shape or x.dtype != src.dtype for x in infos) or src.dtype != kind and (kind != "float" or src.dtype not in FLOATS):
+                bad = next((x for x in infos if x.shape != want_shape or x.dtype != src.dtype), src)
+                raise _mismatch(release, bad, ours, f"{kind} {list(want_shape)} (each half of the interleaved rows)")
+            out.append(Planned(ours, src.dtype, shape, op, infos))
+        elif op in (QUANT_W, QUANT_S, QUANT_WT, QUANT_ST):
             E, d_out, packed = shape
-            d_in = packed * (8 if op == QUANT_W else 32)
-            if src.shape != (E, d_in, d_out) or src.dtype not in FLOATS:
-                raise _mismatch(release, src, ours, f"float [{E}, {d_in}, {d_out}] (experts as [E, in, out])")
-            out.append(Planned(ours, "U32" if op == QUANT_W else "U8", shape, op, infos))
+            d_in = packed * (8 if op in (QUANT_W, QUANT_WT) else 32)
+            want_shape, how = ((E, d_out, d_in), "[E, out, in]") if op in (QUANT_WT, QUANT_ST) else ((E, d_in, d_out), "[E, in, out]")
+            if src.shape != want_shape or src.dtype not in FLOATS:
+                raise _mismatch(release, src, ours, f"float {list(want_shape)} (experts as {how})")
+            out.append(Planned(ours, "U32" if op in (QUANT_W, QUANT_WT) else "U8", shape, op, infos))
         else:  # pragma: no cover - the table only names the ops above
             raise AssertionError(op)
     unused = sorted(set(release.tensors) - used)
@@ -133,16 +142,17 @@ def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
     return out
 
 
-def _quantize_expert(info: TensorInfo, e: int, fh: BinaryIO) -> tuple[np.ndarray, np.ndarray]:
-    """Dense expert e [in, out] -> MXFP4 (codes [out, in/8] u32, scales [out, in/32] u8) of its transpose."""
+def _quantize_expert(info: TensorInfo, e: int, fh: BinaryIO, transposed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Dense expert e [in, out] ([out, in] when ``transposed``) -> MXFP4 codes [out, in/8] u32, scales [out, in/32] u8."""
     import mlx.core as mx
 
-    _, d_in, d_out = info.shape
+    d_in, d_out = info.shape[2:0:-1] if transposed else info.shape[1:]
     size = DTYPE_SIZE[info.dtype] * d_in * d_out
     fh.seek(info.begin + e * size)
     raw = np.frombuffer(fh.read(size), dtype=np.uint16 if info.dtype == "BF16" else {"F16": np.float16, "F32": np.float32}[info.dtype])
     w = mx.array(raw).view(mx.bfloat16) if info.dtype == "BF16" else mx.array(raw)
-    codes, scales = mx.quantize(w.reshape(d_in, d_out).T.astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
+    w = w.reshape(d_out, d_in) if transposed else w.reshape(d_in, d_out).T
+    codes, scales = mx.quantize(w.astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
     mx.eval(codes, scales)
     return np.array(codes), np.array(scales)
 
@@ -206,17 +216,32 @@ class _Streamer:
             for info in p.sources:
                 yield from info.iter_chunks(self.fh(info.file))
             return
+        if p.op == INTERLEAVE:  # one expert at a time: gate row j, then up row j
+            a, b = p.sources
+            half = a.nbytes // a.shape[0]
+            for e in range(a.shape[0]):
+                rows = [np.frombuffer(self._read(x, e * half, half), np.uint8).reshape(x.shape[1], -1) for x in (a, b)]
+                yield np.stack(rows, axis=1).tobytes()
+            return
         info = p.sources[0]
-        if p.op == QUANT_S and info.name in self._scales:
+        if p.op in (QUANT_S, QUANT_ST) and info.name in self._scales:
             yield from self._scales.pop(info.name)
             return
         scales = []
         for e in range(info.shape[0]):
-            codes, s = _quantize_expert(info, e, self.fh(info.file))
+            codes, s = _quantize_expert(info, e, self.fh(info.file), transposed=p.op in (QUANT_WT, QUANT_ST))
             scales.append(s)
-            yield codes if p.op == QUANT_W else s
-        if p.op == QUANT_W:
+            yield codes if p.op in (QUANT_W, QUANT_WT) else s
+        if p.op in (QUANT_W, QUANT_WT):
             self._scales[info.name] = scales  # the matching .scales tensor follows
+
+    def _read(self, info: TensorInfo, offset: int, n: int) -> bytes:
+        f = self.fh(info.file)
+        f.seek(info.begin + offset)
+        data = f.read(n)
+        if len(data) != n:
+            raise ConversionError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        return data
 
     def close(self) -> None:
         for f in self._files.values():
@@ -260,7 +285,7 @@ def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_l
         "converter_version": __version__,
         "source": src_label,
         "source_layout": release.layout,
-        "experts": "mxfp4 (released codes and scales, bit-exact)" if release.layout != "hf-dense"
+        "experts": "mxfp4 (released codes and scales, bit-exact)" if release.layout not in DENSE_LAYOUTS
         else "mxfp4 (quantized from dense experts by the converter)",
     }  # fmt: skip
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -365,8 +390,15 @@ def convert(
     vocab = _harmony_vocab(release)
     out_config = release.config
     if quantization:
-        chosen = tuple(sorted((c, q) for c, q in quantization.items() if q is not None))
-        out_config = dataclasses.replace(release.config, quantization=chosen)
+        stored = dict(release.config.quantization)
+        for c, q in quantization.items():
+            if c in stored and q != stored[c]:
+                raise ConversionError(
+                    f"{release.root}: {c} is stored {stored[c]} in the source; mlx-gptoss keeps it as it is and will not "
+                    f"re-quantize it to {q or 'float'} (leave that option out)"
+                )
+        chosen = {**stored, **{c: q for c, q in quantization.items() if q is not None}}
+        out_config = dataclasses.replace(release.config, quantization=tuple(sorted(chosen.items())))
     planned = plan(release, out_config)
     shards = split_into_shards(planned, lambda p: p.nbytes, shard_bytes)
     total = sum(p.nbytes for p in planned)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_gptoss.config import ConfigError, GptOssConfig, read_json
 from mlx_gptoss.safetensors_io import SafetensorsError, TensorInfo, read_header, read_index
 
-from .layout import LAYOUTS, ORIGINAL, detect_layout, original_config_to_hf
+from .layout import FORMAT_NAME, HF_DENSE, HF_DENSE_T, LAYOUTS, MLXLM, ORIGINAL, detect_layout, original_config_to_hf
 
 INDEX = "model.safetensors.index.json"
 
@@ -76,6 +77,10 @@ def _shard_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
             f"{root}: missing shard(s) {', '.join(missing)} — listed in {INDEX} for {n} tensor(s); "
             "re-download the checkpoint"
         )
+    stray = sorted(p.name for p in root.glob("*.safetensors") if p.name not in files)
+    if stray:  # mlx-lm would load it too: a half-converted folder, or two checkpoints in one
+        raise ConversionError(f"{root}: {', '.join(stray)} is not listed in {INDEX} (a half-converted or mixed folder?); "
+                              "remove it, or give a folder holding one checkpoint")  # fmt: skip
     return [root / f for f in files], weight_map
 
 
@@ -100,21 +105,87 @@ def open_release(src: str | Path, layout: str | None = None) -> Release:
         for name, fname in weight_map.items():
             if name not in tensors or tensors[name].file.name != fname:
                 raise ConversionError(f"{root / INDEX}: lists {name!r} in {fname}, but that file does not hold it")
-    found = detect_layout(set(tensors))
-    if found is None:
-        raise ConversionError(f"{root}: no gpt-oss tensors recognised (looked for experts and embeddings)")
-    if layout is not None and layout != found:
-        raise ConversionError(f"{root}: tensors are in the {found} layout, not {layout}")
     cfg_path = root / "config.json"
+    tensors = _strip_prefix(tensors, root)
+    found = _detect(tensors, root, cfg_path)
     try:
         raw = read_json(cfg_path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{cfg_path}: must be a JSON object, found {type(raw).__name__}")
+        if isinstance(raw.get("text_config"), dict) and "num_hidden_layers" not in raw:  # mlx-vlm nests it
+            raw = {**raw["text_config"], **{k: raw[k] for k in ("quantization", "quantization_config") if k in raw}}
         hf_style = original_config_to_hf(raw) if found == ORIGINAL else raw
+        if found == MLXLM:  # its quantization block is per path; ours is per component (read below)
+            hf_style = {k: v for k, v in raw.items() if k not in ("quantization", "quantization_config")}
         config = GptOssConfig.from_dict(hf_style, source=str(cfg_path))
     except ConfigError as e:
         raise ConversionError(str(e)) from None
+    if found == MLXLM:
+        from .mlxlm import read_quantization
+
+        try:
+            quant = read_quantization(raw, tensors, config.num_hidden_layers, str(cfg_path))
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+        config = dataclasses.replace(config, quantization=tuple(sorted(quant.items())))
+    if found == HF_DENSE:
+        found = _dense_orientation(tensors, config, layout)
+    if layout is not None and layout != found:
+        raise ConversionError(f"{root}: tensors are in the {found} layout, not {layout}")
     # The release keeps its tokenizer beside original/; any other parent folder is not the release's.
     dirs = (root, root.parent) if found == ORIGINAL and root.name == "original" else (root,)
     tok = next((d for d in dirs if (d / "tokenizer.json").is_file()), None)
     return Release(root, found, config, raw, tensors, tok)
+
+
+def _strip_prefix(tensors: dict[str, TensorInfo], root: Path) -> dict[str, TensorInfo]:
+    """mlx-vlm's ``language_model.`` prefix dropped from every name (all or none must carry it)."""
+    from .mlxlm import PREFIX
+
+    with_prefix = [n for n in tensors if n.startswith(PREFIX)]
+    if not with_prefix:
+        return tensors
+    without = next((n for n in tensors if not n.startswith(PREFIX)), None)
+    if without is not None:
+        raise ConversionError(f"{root}: {with_prefix[0]!r} carries mlx-vlm's {PREFIX!r} prefix but {without!r} does not "
+                              "(a mixed folder?); give a folder of one checkpoint")  # fmt: skip
+    return {n[len(PREFIX):]: dataclasses.replace(t, name=n[len(PREFIX):]) for n, t in tensors.items()}
+
+
+def _detect(tensors: dict[str, TensorInfo], root: Path, cfg_path: Path) -> str:
+    """The layout of the tensor names; a mix of layouts, or one of ours, is refused by name."""
+    seen: dict[str, str] = {}
+    for name in tensors:
+        lay = detect_layout({name})
+        if lay is not None:
+            seen.setdefault(lay, name)
+    if len(seen) > 1:
+        shown = "; ".join(f"{lay}: {name!r}" for lay, name in seen.items())
+        raise ConversionError(f"{root}: tensors of several layouts in one folder ({shown}) — a half-converted or mixed "
+                              "folder? Give a folder holding one checkpoint")  # fmt: skip
+    if seen:
+        return next(iter(seen))
+    try:
+        ours = read_json(cfg_path).get("mlx_gptoss", {}).get("format") == FORMAT_NAME
+    except (ConfigError, AttributeError):
+        ours = False
+    if ours:
+        raise ConversionError(f"{root}: already an mlx-gptoss conversion; use it as it is (e.g. --model {root})")
+    raise ConversionError(f"{root}: no gpt-oss tensors recognised (looked for experts and embeddings)")
+
+
+def _dense_orientation(tensors: dict[str, TensorInfo], config: GptOssConfig, layout: str | None) -> str:
+    """hf-dense ([E, in, out], transformers) or hf-dense-t ([E, out, in]), told by gate_up_proj's shape."""
+    H, I2 = config.hidden_size, 2 * config.intermediate_size
+    info = next((t for n, t in sorted(tensors.items()) if n.endswith("mlp.experts.gate_up_proj")), None)
+    if info is None or len(info.shape) != 3:
+        return HF_DENSE  # the plan names the tensor and the shape it needs
+    if layout in (HF_DENSE, HF_DENSE_T):
+        return layout
+    if H == I2 and info.shape[1:] == (H, H):
+        raise ConversionError(
+            f"{info.file}: {info.name!r} is {list(info.shape)} and hidden_size = 2 x intermediate_size, so it cannot "
+            f"tell [E, in, out] from [E, out, in]: give --layout {HF_DENSE} (transformers' [E, in, out]) or "
+            f"--layout {HF_DENSE_T} ([E, out, in])"
+        )
+    return HF_DENSE_T if info.shape[1:] == (I2, H) else HF_DENSE

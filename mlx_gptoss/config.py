@@ -38,7 +38,7 @@ class YarnScaling:
         return 0.1 * math.log(self.factor) + 1.0 if self.factor > 1 else 1.0
 
 
-QUANT_COMPONENTS = ("attention", "lm_head", "embed_tokens")
+QUANT_COMPONENTS = ("attention", "router", "lm_head", "embed_tokens")
 QUANT_MODES = {"affine": (4, 6, 8), "mxfp8": (8,)}
 AFFINE_GROUPS = (32, 64, 128)  # what MLX's affine quantization supports
 
@@ -233,7 +233,7 @@ class GptOssConfig:
         return d
 
     def quant(self, component: str) -> QuantSpec | None:
-        """How ``component`` ("attention", "lm_head", "embed_tokens") is stored; None = float."""
+        """How ``component`` ("attention", "router", "lm_head", "embed_tokens") is stored; None = float."""
         return dict(self.quantization).get(component)
 
     @classmethod

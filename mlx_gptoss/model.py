@@ -72,7 +72,7 @@ class MoE(nn.Module):
         super().__init__()
         self.k, self.limit, self.alpha = cfg.num_experts_per_tok, cfg.swiglu_limit, cfg.swiglu_alpha
         E, H, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.router = nn.Linear(H, E, bias=True)
+        self.router = linear(H, E, True, cfg.quant("router"))  # quantized in mlx-community's MXFP4-Q8 exports
         # gate_up keeps the released interleaving: row 2j is gate j, row 2j+1 is up j.
         self.gate_up = MXFP4Experts(E, H, 2 * I)
         self.down = MXFP4Experts(E, I, H)

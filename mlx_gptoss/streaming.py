@@ -341,7 +341,7 @@ def stream_experts(model: nn.Module, tensors: dict[str, TensorInfo], slots: int,
 
     L = model.config.num_hidden_layers
     shared = _Shared(ExpertReader(tensors, L), StreamStats.empty(L), ThreadPoolExecutor(1) if prefetch else None)
-    dtype = model.layers[0].mlp.router.weight.dtype
+    dtype = model.layers[0].input_layernorm.weight.dtype  # the router may be stored quantized
     for i, layer in enumerate(model.layers):
         if not isinstance(layer.mlp, MoE):
             raise TypeError("experts are already streamed")
