@@ -4,6 +4,8 @@ on the CPU in a thread simulator against the same reference; the dispatcher's ch
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -173,132 +175,242 @@ def test_env_var_forces_twin():
     assert bad.returncode != 0 and "MLX_GPTOSS_KERNELS" in bad.stderr
 
 
-# --- the kernel source, as MLX will wrap it -------------------------------------------------
+# --- the kernel source, as MLX wraps it -----------------------------------------------------
 
-REAL = {  # gpt-oss-20b sizes and the launch shapes the dispatcher uses
+SLOW = pytest.mark.skipif(os.environ.get("MLX_GPTOSS_SLOW") != "1", reason="slow lane: set MLX_GPTOSS_SLOW=1")
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+_NP = {"float32": np.float32, "uint32": np.uint32, "uint8": np.uint8}
+_MX = {"float32": mx.float32, "uint32": mx.uint32, "uint8": mx.uint8, "bfloat16": mx.bfloat16}
+_ELT = {"float32": "float", "uint32": "uint32_t", "uint8": "uint8_t", "bfloat16": "bfloat16_t"}
+
+
+def launchers(name, **kw):
+    """The dispatcher's launcher for kernel ``name`` as a function of its input arrays only."""
+    if name == S.ROUTE:
+        return lambda logits: gpu.route_topk_softmax(logits, kw["k"], dialect=kw.get("dialect", "metal"))
+    if name == S.GATE_UP:
+        return lambda *a: gpu.mxfp4_gate_up_swiglu(*a, limit=LIMIT, alpha=ALPHA, dialect=kw.get("dialect", "metal"), launch=kw.get("launch"))
+    return lambda *a: gpu.mxfp4_down_combine(*a[:6], a[6] if kw.get("has_res") else None, out_dtype=kw["out_dtype"],
+                                             dialect=kw.get("dialect", "metal"), launch=kw.get("launch"))  # fmt: skip
+
+
+def capture(name, arrays, **kw):
+    """MLX's own Metal launch (source, grid, threadgroup) of gpu.py's call on these inputs."""
+    xs = [mx.array(np.asarray(a, np.float32 if t == "bfloat16" else _NP[t])).astype(_MX[t]) for a, t in arrays]
+    if name == S.DOWN and not kw.get("has_res"):
+        xs = xs[:6]
+    (launch,) = gpu.metal_launches(launchers(name, **kw), *xs)
+    return launch
+
+
+def real_inputs(name, N, E=2, K=4, H=2880, I=2880):
+    """Zero inputs at gpt-oss-20b sizes (fewer experts: the launch does not depend on E)."""
+    z = np.zeros
+    if name == S.ROUTE:
+        return [(z((N, 32)), "bfloat16")]
+    if name == S.GATE_UP:
+        return [(z((N, H)), "bfloat16"), (z((N, K)), "uint32"), (z((E, 2 * I, H // 8)), "uint32"), (z((E, 2 * I, H // 32)), "uint8"),
+                (z((E, 2 * I)), "bfloat16")]  # fmt: skip
+    return [(z((N, K, I)), "float32"), (z((N, K)), "uint32"), (z((N, K)), "bfloat16"), (z((E, H, I // 8)), "uint32"),
+            (z((E, H, I // 32)), "uint8"), (z((E, H)), "bfloat16"), (z((N, H)), "bfloat16")]  # fmt: skip
+
+
+REAL_KW = {S.ROUTE: {"k": 4}, S.GATE_UP: {}, S.DOWN: {"has_res": True, "out_dtype": mx.bfloat16}}
+REAL_TEMPLATE = {  # gpt-oss-20b sizes, the template gpu.py passes (for the CUDA rendering, which MLX only builds on CUDA)
     S.ROUTE: (["bfloat16"], ["uint32", "bfloat16"], {"E": 32, "K": 4, "OutT": "bfloat16"}),
-    S.GATE_UP: (["bfloat16", "uint32", "uint32", "uint8", "bfloat16"], ["float32"], {"H": 2880, "I": 2880, "K": 4, "JW": gpu.GATE_UP_LAUNCH[1], "WARPS": gpu.GATE_UP_LAUNCH[0]}),
-    S.DOWN: (["float32", "uint32", "bfloat16", "uint32", "uint8", "bfloat16", "bfloat16"], ["bfloat16"],
-             {"H": 2880, "I": 2880, "K": 4, "JW": gpu.DOWN_LAUNCH[1], "WARPS": gpu.DOWN_LAUNCH[0], "HAS_RES": True, "OutT": "bfloat16"}),
+    S.GATE_UP: (["bfloat16", "uint32", "uint32", "uint8", "bfloat16"], ["float32"], {"H": 2880, "I": 2880, "K": 4}),
+    S.DOWN: (["float32", "uint32", "bfloat16", "uint32", "uint8", "bfloat16", "bfloat16"], ["bfloat16"], {"H": 2880, "I": 2880, "K": 4}),
 }
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
-@pytest.mark.parametrize("name", list(REAL))
-def test_cuda_source_compiles(name, tmp_path):
-    ins, outs, tmpl = REAL[name]
+def cuda_template(name, launch):
+    ins, outs, tmpl = REAL_TEMPLATE[name]
+    if name == S.ROUTE:
+        return ins, outs, tmpl
+    tmpl = {**tmpl, "JW": launch[1], "WARPS": launch[0]}
+    return ins, outs, tmpl if name == S.GATE_UP else {**tmpl, "HAS_RES": True, "OutT": "bfloat16"}
+
+
+@pytest.mark.parametrize("N", [1, 3], ids=["one token: constant", "three tokens: device"])
+@pytest.mark.parametrize("name", list(REAL_KW))
+def test_generated_source_is_mlx_source(name, N):
+    """generated_source() reproduces MLX's Metal wrapper byte for byte, including the `constant`
+    pointers of inputs under 8 elements (indices, weights at one token) and the attribute order."""
+    arrays = real_inputs(name, N, H=64, I=64)
+    launch = capture(name, arrays, **REAL_KW[name])
+    tmpl = re.search(r"decltype\(\w+<(.*)>\)", launch.source).group(1).split(", ")
+    names = list(REAL_TEMPLATE[name][2]) + (["JW", "WARPS"] if name != S.ROUTE else []) + (["HAS_RES", "OutT"] if name == S.DOWN else [])
+    values = {k: ("bfloat16" if v == "bfloat16_t" else int(v)) for k, v in zip(names, tmpl)}
+    if name == S.DOWN:
+        values["HAS_RES"] = bool(values["HAS_RES"])
+    out_types = {S.ROUTE: ["uint32", "bfloat16"], S.GATE_UP: ["float32"], S.DOWN: ["bfloat16"]}[name]
+    mine = S.generated_source("metal", name, [t for _, t in arrays], out_types, values, in_sizes=[a.size for a, _ in arrays])
+    assert mine == launch.source
+    small = [n for n, (a, _) in zip(S.SPECS[name].inputs, arrays) if a.size < S.METAL_CONSTANT_BELOW]
+    for n in S.SPECS[name].inputs:
+        assert (f"const constant " in re.search(rf".*\* {n} \[\[", launch.source).group(0)) == (n in small)
+    # a `constant` pointer cannot become a `device` one: the kernels cast only weights that way
+    cast = set(re.findall(r"\(const GX_DEVICE_PTR \w+\*\)\((\w+)\)", launch.source))
+    assert cast == (set() if name == S.ROUTE else {"w"}) and not cast & set(small)
+
+
+@needs_gxx
+@pytest.mark.parametrize("N", [1, 3, 32])
+def test_real_launches_are_whole_threadgroups_and_compile(N, tmp_path):
+    """gpu.py's own launches at the 20b's sizes: whole threadgroups of whole SIMD groups (Metal
+    runs partial threadgroups, the kernels assume none), at most 1024 threads, and MLX's source
+    compiles against the shim (its static_asserts: H, I multiples of 32 for aligned uint4 loads,
+    threadgroup memory <= 32 KB)."""
+    for name in REAL_KW:
+        launch = capture(name, real_inputs(name, N), **REAL_KW[name])
+        assert all(g % t == 0 for g, t in zip(launch.grid, launch.threadgroup)), launch[2:]
+        assert launch.threadgroup[0] % 32 == 0 and np.prod(launch.threadgroup) <= 1024
+        _gxx(tmp_path, "k", '#include "metal_sim.h"\n' + launch.source)
+
+
+@needs_gxx
+def test_threadgroup_memory_over_32kb_is_refused(tmp_path):
+    ins, outs, tmpl = cuda_template(S.GATE_UP, (4, 2))
+    src = S.generated_source("metal", S.GATE_UP, ins, outs, {**tmpl, "H": 8192})  # x of 8192 floats: 32 KB + 0
+    _gxx(tmp_path, "ok", '#include "metal_sim.h"\n' + src)
+    src = S.generated_source("metal", S.GATE_UP, ins, outs, {**tmpl, "H": 8224})
+    err = _gxx(tmp_path, "big", '#include "metal_sim.h"\n' + src, expect_ok=False)
+    assert "threadgroup memory over Metal's 32 KB" in err
+
+
+def _ptxas(tmp_path, name, launch):
+    ins, outs, tmpl = cuda_template(name, launch)
     # MLX's default header includes its device utils and cooperative_groups; these stand in.
     src = "#include <cstdint>\n#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cooperative_groups.h>\n"
     (tmp_path / "k.cu").write_text(src + S.generated_source("cuda", name, ins, outs, tmpl))
     r = subprocess.run(["nvcc", "-arch=sm_90a", "-Werror", "all-warnings", "-c", "k.cu", "-o", "k.o", "-Xptxas", "-v"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "0 bytes spill stores" in r.stderr, r.stderr  # register spills would cost bandwidth
+    return r.stderr
 
 
-def _gxx(tmp_path, name, code, run=False):
+@needs_nvcc
+@pytest.mark.parametrize("name,launch", [(S.ROUTE, None)] + [(n, sh) for n in (S.GATE_UP, S.DOWN) for sh in [(4, 4), (4, 8), (8, 2)]])
+def test_cuda_source_compiles_without_stack(name, launch, tmp_path):
+    """nvcc compiles the CUDA rendering with no stack frame at all: local arrays (accumulators,
+    the codes of a row, the activations of a group) stay in registers, spills or not."""
+    out = _ptxas(tmp_path, name, launch)
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    assert frames and all(f == ("0", "0", "0") for f in frames), out
+
+
+def test_launch_shapes_per_dialect():
+    for dialect in ("metal", "cuda"):
+        for k in ("gate_up", "down"):
+            warps, jw = gpu.launch_shape(dialect, k)
+            assert 1 <= warps <= 32 and jw >= 1
+    assert gpu.launch_shape("metal", "gate_up")[1] <= 2  # <= 64 registers on Apple GPUs (see gpu.LAUNCH)
+
+
+def _gxx(tmp_path, name, code, run=False, expect_ok=True, flags=()):
     (tmp_path / f"{name}.cpp").write_text(code)
-    cmd = ["g++", "-std=c++20", "-O1", "-Wall", "-Wno-attributes", "-Wno-unused-variable", "-Werror", f"-I{HERE}", "-pthread", f"{name}.cpp"]
+    cmd = ["g++", "-std=c++20", "-O1", "-Wall", "-Wno-attributes", "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Werror",
+           f"-I{HERE}", "-pthread", *flags, f"{name}.cpp"]  # fmt: skip
     r = subprocess.run(cmd + (["-o", name] if run else ["-fsyntax-only"]), cwd=tmp_path, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
+    if expect_ok:
+        assert r.returncode == 0, r.stderr[-4000:]
+    else:
+        assert r.returncode != 0, "compiled, but should not have"
+    return r.stderr
 
 
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
-
-
-@needs_gxx
-@pytest.mark.parametrize("name", list(REAL))
-def test_metal_source_compiles_against_shim(name, tmp_path):
-    ins, outs, tmpl = REAL[name]
-    _gxx(tmp_path, "k", '#include "metal_sim.h"\n' + S.generated_source("metal", name, ins, outs, tmpl))
-
-
-_NP = {"float32": np.float32, "uint32": np.uint32, "uint8": np.uint8}
-_ELT = {"float32": "float", "uint32": "uint32_t", "uint8": "uint8_t", "bfloat16": "bfloat16_t"}
-
-
-def run_metal_sim(tmp_path, name, arrays, outs, tmpl, grid, tg):
-    """Compile the Metal rendering with the simulator and run it; arrays: list of (np array,
-    mlx dtype name); outs: list of (shape, dtype name). Returns the outputs as float64 arrays."""
-    ins = [t for _, t in arrays]
-    src = S.generated_source("metal", name, ins, [t for _, t in outs], tmpl)
-    src = src.replace("#define GX_SHARED threadgroup", "#define GX_SHARED static")  # group-shared in the simulator
+def sim_program(launch, arrays, outs, offsets=None, grid=None):
+    """A C++ program that runs MLX's Metal source of ``launch`` in the simulator on the inputs
+    in0.bin.. and writes out0.bin..; ``offsets`` places input i that many elements into its buffer."""
+    src = launch.source.replace("#define GX_SHARED threadgroup", "#define GX_SHARED static")  # group-shared in the simulator
+    fn, inst = re.search(r"decltype\((\w+)<(.*)>\)", src).groups()
+    attrs = re.findall(r"^\s+\w+ (\w+) \[\[(\w+)\]\]", src, re.M)
     lines = ['#include "metal_sim.h"', src, "int main() {"]
     args = []
     for i, (a, t) in enumerate(arrays):
-        if t == "bfloat16":
-            bits = (np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16)  # exact: inputs are bf16 values
-            bits.tofile(tmp_path / f"in{i}.bin")
-        else:
-            np.ascontiguousarray(a, _NP[t]).tofile(tmp_path / f"in{i}.bin")
-        lines.append(f'  auto in{i} = sim::read<{_ELT[t]}>("in{i}.bin", {a.size});')
+        off = (offsets or {}).get(i, 0)
+        lines.append(f'  auto in{i} = sim::read<{_ELT[t]}>("in{i}.bin", {a.size}, {off});')
         args.append(f"in{i}.data()")
     for i, (shape, t) in enumerate(outs):
         lines.append(f"  std::vector<{_ELT[t]}> out{i}({int(np.prod(shape))});")
         args.append(f"out{i}.data()")
-    attrs = [a for a in S._METAL_ATTRS if a in S.body("metal", name)]
-    args += [f"SIM_ATTR_{a}" for a in attrs]
-    fn = f"custom_kernel_{name}"
-    inst = ", ".join(_ELT[v] if isinstance(v, str) else str(int(v)) if isinstance(v, bool) else str(v) for v in tmpl.values())
-    lines.append(f"  sim::launch({grid[0]}, {grid[1]}, {tg}, [&] {{ {fn}<{inst}>({', '.join(args)}); }});")
+    args += [f"SIM_ATTR_{a}" for name_, a in attrs if name_ == a]
+    g, t = grid or launch.grid, launch.threadgroup
+    lines.append(f"  sim::launch({g[0]}, {g[1]}, {g[2]}, {t[0]}, {t[1]}, {t[2]}, [&] {{ {fn}<{inst}>({', '.join(args)}); }});")
     lines += [f'  sim::write("out{i}.bin", out{i});' for i in range(len(outs))] + ["}"]
-    _gxx(tmp_path, "sim", "\n".join(lines), run=True)
-    r = subprocess.run(["./sim"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    return "\n".join(lines)
+
+
+def run_metal_sim(tmp_path, name, arrays, outs, offsets=None, flags=(), env=None, grid=None, **kw):
+    """Capture MLX's Metal launch of gpu.py's call, compile it with the simulator and run it on
+    ``arrays`` (list of (np array, mlx dtype name)); outs: (shape, dtype name) each. Returns the
+    completed process and the outputs as float64 arrays."""
+    launch = capture(name, arrays, **kw)
+    if name == S.DOWN and not kw.get("has_res"):
+        arrays = arrays[:6] + arrays[5:6]  # gpu.py passes the bias as the unread residual
+    for i, (a, t) in enumerate(arrays):
+        if t == "bfloat16":
+            (np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16).tofile(tmp_path / f"in{i}.bin")  # exact: bf16 values
+        else:
+            np.ascontiguousarray(a, _NP[t]).tofile(tmp_path / f"in{i}.bin")
+    _gxx(tmp_path, "sim", sim_program(launch, arrays, outs, offsets, grid), run=True, flags=flags)
+    r = subprocess.run(["./sim"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        return r, None
     res = []
     for i, (shape, t) in enumerate(outs):
         raw = np.fromfile(tmp_path / f"out{i}.bin", np.uint16 if t == "bfloat16" else _NP[t])
         if t == "bfloat16":
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         res.append(raw.reshape(shape).astype(np.float64))
-    return res
+    return r, res
 
 
 def bf16(a):
     return np.array(mx.array(a).astype(mx.bfloat16).astype(mx.float32))
 
 
-@needs_gxx
-@pytest.mark.parametrize(
-    "N,E,K,H,I,launch,how,x_scale",
-    [
-        (1, 8, 4, 64, 96, (2, 4), "random", 1.0),  # one token; a partial tile (96 columns, 8 per group)
-        (3, 8, 4, 1280, 64, (1, 2), "random", 1.0),  # three tokens; 40 groups per row: lanes loop twice
-        (4, 8, 4, 64, 64, (2, 1), "all", 1.0),  # every expert chosen
-        (2, 8, 4, 64, 64, (1, 4), "same", 1.0),  # one expert chosen by both
-        (2, 8, 4, 64, 64, (2, 2), "random", 60.0),  # gates far past the clamps, both signs
-    ],
-)
-def test_metal_kernels_run_in_simulator(N, E, K, H, I, launch, how, x_scale, tmp_path):
+def moe_case(N, E, K, H, I, how, x_scale=1.0):
     rng = np.random.default_rng(H + I + N)
     (gw, gs, gb), gdense, _ = make_experts(rng, E, 2 * I, H)
     (dw, ds, db), ddense, _ = make_experts(rng, E, H, I)
     gbias, dbias = bf16(np.array(gb)), bf16(np.array(db))
     x = bf16(x_scale * rng.normal(0, 1, (N, H)))
     ids = choose(rng, how, N, E, K).astype(np.uint32)
-    warps, jw = launch
-    tmpl = {"H": H, "I": I, "K": K, "JW": jw, "WARPS": warps}
-    grid = ((I + warps * jw - 1) // (warps * jw), N * K)
-    (act,) = run_metal_sim(
-        tmp_path, S.GATE_UP,
-        [(x, "bfloat16"), (ids, "uint32"), (np.array(gw), "uint32"), (np.array(gs), "uint8"), (gbias, "bfloat16")],
-        [((N, K, I), "float32")], tmpl, grid, 32 * warps,
-    )  # fmt: skip
-    act_ref = ref_gate_up(x.astype(np.float64), ids, gdense, gbias.astype(np.float64))
-    assert rel_err(act, act_ref) < 1e-5
-
     w = bf16(rng.dirichlet(np.ones(K), N))
-    has_res = how == "random"  # the residual add fused into the down kernel, or not
     resid = bf16(rng.normal(0, 1, (N, H)))
-    tmpl = {"H": H, "I": I, "K": K, "JW": jw, "WARPS": warps, "HAS_RES": has_res, "OutT": "float32"}
-    grid = ((H + warps * jw - 1) // (warps * jw), N)
-    (y,) = run_metal_sim(
-        tmp_path, S.DOWN,
-        [(act.astype(np.float32), "float32"), (ids, "uint32"), (w, "bfloat16"), (np.array(dw), "uint32"), (np.array(ds), "uint8"),
-         (dbias, "bfloat16"), (resid if has_res else dbias, "bfloat16")],
-        [((N, H), "float32")], tmpl, grid, 32 * warps,
-    )  # fmt: skip
-    y_ref = ref_down(act_ref, ids, w.astype(np.float64), ddense, dbias.astype(np.float64)) + (resid if has_res else 0)
-    assert rel_err(y, y_ref) < 1e-5
+    gate_up_in = [(x, "bfloat16"), (ids, "uint32"), (np.array(gw), "uint32"), (np.array(gs), "uint8"), (gbias, "bfloat16")]
+    act_ref = ref_gate_up(x.astype(np.float64), ids, gdense, gbias.astype(np.float64))
+    down_ref = ref_down(act_ref, ids, w.astype(np.float64), ddense, dbias.astype(np.float64))
+    down_in = lambda act: [(act.astype(np.float32), "float32"), (ids, "uint32"), (w, "bfloat16"), (np.array(dw), "uint32"),  # noqa: E731
+                           (np.array(ds), "uint8"), (dbias, "bfloat16"), (resid, "bfloat16")]  # fmt: skip
+    return gate_up_in, act_ref, down_in, down_ref, resid
+
+
+@needs_gxx
+@pytest.mark.parametrize(
+    "N,E,K,H,I,launch,how,x_scale",
+    [
+        (1, 8, 4, 64, 96, (2, 4), "random", 1.0),  # one token (constant indices/weights); a partial tile (96 columns, 8 per group)
+        (3, 8, 4, 1280, 64, (1, 2), "random", 1.0),  # three tokens; 40 groups per row: lanes loop twice
+        (4, 8, 4, 64, 64, (2, 1), "all", 1.0),  # every expert chosen
+        (2, 8, 4, 64, 64, (1, 4), "same", 1.0),  # one expert chosen by both
+        (2, 8, 4, 64, 64, (2, 2), "random", 60.0),  # gates far past the clamps, both signs
+        (1, 4, 4, 64, 64, None, "random", 1.0),  # the Metal default launch shapes
+    ],
+)
+def test_metal_kernels_run_in_simulator(N, E, K, H, I, launch, how, x_scale, tmp_path):
+    """MLX's generated Metal source, launched with gpu.py's own grid and threadgroup, in the
+    simulator against float64 numpy."""
+    gate_up_in, act_ref, down_in, down_ref, resid = moe_case(N, E, K, H, I, how, x_scale)
+    r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((N, K, I), "float32")], launch=launch)
+    assert res is not None, r.stderr
+    act = res[0]
+    assert rel_err(act, act_ref) < 1e-5
+    has_res = how == "random"  # the residual add fused into the down kernel, or not
+    r, res = run_metal_sim(tmp_path, S.DOWN, down_in(act), [((N, H), "float32")], launch=launch, has_res=has_res, out_dtype=mx.float32)
+    assert res is not None, r.stderr
+    assert rel_err(res[0], down_ref + (resid if has_res else 0)) < 1e-5
 
 
 @needs_gxx
@@ -308,10 +420,84 @@ def test_metal_route_runs_in_simulator(E, tmp_path):
     N, K = 5, 4
     logits = bf16(rng.normal(0, 2, (N, E)))
     logits[2, :] = logits[2, 0]  # all equal: ties go to the lowest ids
-    ids, w = run_metal_sim(
-        tmp_path, S.ROUTE, [(logits, "bfloat16")], [((N, K), "uint32"), ((N, K), "float32")],
-        {"E": E, "K": K, "OutT": "float32"}, (N, 1), 32,
-    )  # fmt: skip
+    r, res = run_metal_sim(tmp_path, S.ROUTE, [(logits, "bfloat16")], [((N, K), "uint32"), ((N, K), "bfloat16")], k=K)
+    assert res is not None, r.stderr
+    ids, w = res
     rid, rw = ref_route(logits.astype(np.float64), K)
     assert (ids == rid).all()
-    assert np.abs(w - rw).max() < 1e-6
+    assert np.abs(w - rw).max() < 1e-2  # bf16 weights
+
+
+@needs_gxx
+def test_simulator_catches_misaligned_uint4_loads(tmp_path):
+    """The codes read as uint4 must start 16-byte aligned: the same launch with the codes buffer
+    4 bytes off fails under -fsanitize=alignment (and runs with it aligned)."""
+    gate_up_in, act_ref, *_ = moe_case(1, 4, 4, 64, 64, "random")
+    flags = ("-fsanitize=alignment", "-fno-sanitize-recover=alignment")
+    r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((1, 4, 64), "float32")], flags=flags)
+    assert res is not None and rel_err(res[0], act_ref) < 1e-5, r.stderr
+    r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((1, 4, 64), "float32")], offsets={2: 1}, flags=flags)
+    assert res is None and "misaligned" in r.stderr and "uint4" in r.stderr, r.stderr
+
+
+@needs_gxx
+def test_simulator_refuses_partial_threadgroups(tmp_path):
+    gate_up_in, *_ = moe_case(1, 4, 4, 64, 64, "random")
+    launch = capture(S.GATE_UP, gate_up_in)
+    bad = (launch.grid[0] - 32, launch.grid[1], launch.grid[2])
+    r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((1, 4, 64), "float32")], grid=bad)
+    assert res is None and r.returncode == 3 and "not whole threadgroups" in r.stderr
+
+
+_TOY = """
+template <typename T>
+[[kernel]] void toy(device float* y [[buffer(0)]], uint thread_index_in_simdgroup [[thread_index_in_simdgroup]]) {
+  %s
+}
+int main() { std::vector<float> y(32); sim::launch(32, 1, 1, 32, 1, 1, [&] { toy<float>(y.data(), sim::ids.lane); }); }
+"""
+
+
+@needs_gxx
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ("y[0] = simd_sum(1.0);", "simd_sum: the kernels sum floats"),
+        ("y[0] = fma(1.0f, 2.0, 3.0f);", "fma: the kernels' fma is float x float + float"),
+        ("y[0] = min(1.0f, 2);", "min: the kernels' min is on two floats"),
+        ("y[0] = metal::exp(1.0);", "metal::exp: the kernels' exp is on a float"),
+        ("y[0] = simd_min(3);", "simd_min: the kernels take the min of 32-bit unsigned ints"),
+        ("float4 v = float4(1.0f, 2.0f, 3.0f, 4.0); y[0] = v.w;", "float4(...): give floats"),
+    ],
+)
+def test_simulator_rejects_wrong_types(body, message, tmp_path):
+    """A double or an int where Metal's built-in takes a float (or a uint) is a compile error
+    naming the call, not a silent conversion."""
+    err = _gxx(tmp_path, "toy", '#include "metal_sim.h"\n' + _TOY % body, run=True, expect_ok=False)
+    assert message in err
+
+
+@needs_gxx
+def test_divergent_simd_call_is_an_error_not_a_hang(tmp_path):
+    _gxx(tmp_path, "toy", '#include "metal_sim.h"\n' + _TOY % "if (thread_index_in_simdgroup < 16) y[0] = simd_sum(1.0f);", run=True)
+    r = subprocess.run(["./toy"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "SIM_BARRIER_MS": "300"})
+    assert r.returncode == 4 and "only 16 of 32 threads reached a SIMD-group function" in r.stderr, r.stderr
+
+
+@SLOW
+@needs_gxx
+def test_simulator_under_thread_sanitizer(tmp_path):
+    """The kernels in the simulator under ThreadSanitizer: no data race between the threads of a
+    group (shared x written before the barrier, read after; SIMD reductions)."""
+    flags = ("-fsanitize=thread", "-g")
+    N, K, H, I = 2, 4, 64, 64
+    gate_up_in, act_ref, down_in, down_ref, resid = moe_case(N, 8, K, H, I, "random")
+    env = {"SIM_BARRIER_MS": "600000", "TSAN_OPTIONS": "halt_on_error=1"}
+    r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((N, K, I), "float32")], launch=(2, 2), flags=flags, env=env)
+    assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
+    r, res = run_metal_sim(tmp_path, S.DOWN, down_in(res[0]), [((N, H), "float32")], launch=(2, 2), has_res=True, out_dtype=mx.float32, flags=flags, env=env)
+    assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
+    assert rel_err(res[0], down_ref + resid) < 1e-5
+    logits = bf16(np.random.default_rng(0).normal(0, 2, (3, 32)))
+    r, res = run_metal_sim(tmp_path, S.ROUTE, [(logits, "bfloat16")], [((3, K), "uint32"), ((3, K), "bfloat16")], k=K, flags=flags, env=env)
+    assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]

@@ -7,17 +7,33 @@ Kernels are built once per (dialect, SwiGLU constants) and cached.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 
 from . import source as S
 
-# Launch shapes: warps per threadgroup and output columns (gate_up) / rows (down) per warp.
-# Chosen by benchmarks/bench_moe.py --sweep on an H100 (2026-11-27, benchmarks/results/): at T = 1
-# gate_up took 26.9-29.0 us for every shape but (4, 8) (72.8 us), down 21.4 us at (4, 4) against
-# 26.6-37.2 us for the others.
-GATE_UP_LAUNCH = (4, 4)  # (WARPS, JW)
-DOWN_LAUNCH = (4, 4)
+# Launch shapes per dialect, as (WARPS, JW): SIMD groups per threadgroup and output columns
+# (gate_up) / rows (down) per SIMD group. Every launch's grid is a whole number of threadgroups.
+# CUDA: chosen by benchmarks/bench_moe.py --sweep on an H100 (2026-11-27, benchmarks/results/): at
+# T = 1 gate_up took 26.9-29.0 us for every shape but (4, 8) (72.8 us), down 21.4 us at (4, 4)
+# against 26.6-37.2 us for the others.
+# Metal: not measured yet (no Mac here). A lane holds its group of x (32 floats), 2*JW gate_up
+# accumulators (JW down ones, plus JW partial sums) and one row's codes in flight, plus addressing:
+# JW = 2 stays near 50 32-bit registers, under the 64 at which Apple GPUs start to trade occupancy
+# for registers (JW = 4 came to ~127 registers on the H100, at Apple's per-thread ceiling). Each
+# threadgroup holds one token's x (H or I floats, 11.25 KB for the 20b) in threadgroup memory, so a
+# core keeps few groups resident; 8 SIMD groups per group keep more warps in flight per group.
+# Re-measure with `bench_moe.py --sweep` on a Mac before trusting these.
+LAUNCH = {
+    "cuda": {"gate_up": (4, 4), "down": (4, 4)},
+    "metal": {"gate_up": (8, 2), "down": (8, 2)},
+}
+
+
+def launch_shape(dialect: str, kernel: str) -> tuple[int, int]:
+    """The default (WARPS, JW) of ``kernel`` ("gate_up" or "down") for ``dialect``."""
+    return LAUNCH[dialect][kernel]
 
 
 @lru_cache(maxsize=None)
@@ -52,7 +68,7 @@ def mxfp4_gate_up_swiglu(x, indices, w, s, b, *, limit: float, alpha: float, dia
     N, H = x.shape
     K = indices.shape[1]
     I = w.shape[1] // 2
-    warps, jw = launch or GATE_UP_LAUNCH
+    warps, jw = launch or launch_shape(dialect, "gate_up")
     per_group = warps * jw
     return _kernel(dialect, S.GATE_UP, float(limit), float(alpha))(
         inputs=[x, indices, w, s, b],
@@ -68,7 +84,7 @@ def mxfp4_down_combine(act, indices, weights, w, s, b, residual=None, *, out_dty
     """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k) (+ residual), [N, H]."""
     N, K, I = act.shape
     H = w.shape[1]
-    warps, jw = launch or DOWN_LAUNCH
+    warps, jw = launch or launch_shape(dialect, "down")
     per_group = warps * jw
     return _kernel(dialect, S.DOWN)(
         inputs=[act, indices, weights, w, s, b, residual if residual is not None else b],  # b: a placeholder, unread
@@ -78,3 +94,30 @@ def mxfp4_down_combine(act, indices, weights, w, s, b, residual=None, *, out_dty
         output_shapes=[(N, H)],
         output_dtypes=[out_dtype],
     )[0]
+
+
+class Launch(NamedTuple):
+    """One custom-kernel launch as MLX builds it: instance name, full source, grid and threadgroup
+    (in threads, as MLX passes them to the GPU)."""
+
+    name: str
+    source: str
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+
+
+def metal_launches(fn: Callable[..., object], *arrays: mx.array) -> list[Launch]:
+    """The Metal launches ``fn(*arrays)`` makes, with the exact source MLX generates for them.
+
+    Traced with ``mx.export_function`` (nothing runs), so this works without a GPU: on any MLX
+    build where ``mx.fast.metal_kernel`` can be constructed (macOS, and Linux CPU builds).
+    """
+    found: list[Launch] = []
+
+    def visit(node: dict) -> None:
+        if node.get("type") == "primitive" and node.get("name") == "CustomKernel":
+            a = node["arguments"]
+            found.append(Launch(a[0], a[1], tuple(a[2:5]), tuple(a[5:8])))
+
+    mx.export_function(visit, fn, *arrays)
+    return found
