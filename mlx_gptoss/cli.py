@@ -71,6 +71,36 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
 
 
 @main.command()
+@click.argument("model")
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["mlx-lm", "hf"]), required=True,
+              help="mlx-lm: a folder mlx_lm.load loads; hf: the released Hugging Face layout (mxfp4 quantization_config).")
+@click.option("--dequantize", is_flag=True, help="hf: write layers held quantized as bf16 (then not the release's bytes).")
+@click.option("--force", is_flag=True, help="Replace DST if it is an earlier export or conversion (or empty).")
+@click.option("--shard-size", default="4GB", show_default=True, help="Largest output file.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+def export(model: str, dst: str, fmt: str, dequantize: bool, force: bool, shard_size: str, progress: bool | None) -> None:
+    """Export a converted MODEL (folder or repo id) to DST in mlx-lm's or the released layout.
+
+    The MXFP4 experts leave bit-exact in both; an hf export of a model converted without
+    quantizing other layers is the release, tensor for tensor.
+    """
+    from mlx_gptoss.memory import parse_size
+    from mlx_gptoss_convert import ConversionError
+    from mlx_gptoss_convert.destination import describe_os_error
+    from mlx_gptoss_convert.export import export as run
+
+    try:
+        out = run(model, dst, fmt=fmt, force=force, dequantize=dequantize, shard_bytes=parse_size(shard_size),
+                  progress=progress)  # fmt: skip
+    except (ConversionError, ValueError) as e:
+        raise _Fail(str(e)) from None
+    except OSError as e:  # a write that failed: the partial output is already removed
+        raise _Fail(describe_os_error(e, dst)) from None
+    click.echo(f"exported {model} -> {out} ({fmt})", err=True)
+
+
+@main.command()
 @click.argument("prompt", required=False)
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
               help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
