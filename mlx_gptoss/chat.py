@@ -155,8 +155,7 @@ class ChatSession:
         mx.eval(model.parameters())
         self._n_calls = 0  # tool-call ids handed out so far
         self.last_prompt_ids: list[int] = []
-        start, end = (self.encoding.encode(t, allowed_special="all")[0] for t in ("<|start|>", "<|end|>"))
-        self._kv = KVState(model, boundaries=(start, end))  # snapshots where a later rendering may diverge
+        self._kv = KVState(model)
 
     # -- the conversation as data --------------------------------------------------------------
 
@@ -265,26 +264,30 @@ class ChatSession:
         msg = Message.from_author_and_content(Author.new(Role.TOOL, recipient), _checked_text(content, "the tool result"))
         return self._turn(msg.with_recipient("assistant").with_channel("commentary"), opts)
 
-    def stream_reply(self, messages: Sequence[Any], *, kv: KVState | None = None, **options: Any) -> Iterator[Event | Done]:
+    def stream_reply(self, messages: Sequence[Any], *, kv: KVState | None = None, cancel: Any = None,
+                     **options: Any) -> Iterator[Event | Done]:  # fmt: skip
         """Make ``messages`` the conversation and stream the assistant's reply to it (for servers,
         whose clients send the whole conversation each time).
 
         ``messages`` are openai-harmony Messages: the system message (reasoning effort), the
         developer message (instructions and tools) and the turns, the last one a user or tool
         message. The conversation is rendered exactly as the session's own turns are, so the KV
-        cache is reused for the prefix it shares with what was computed before. ``kv`` is the
-        KV state to continue (default: the session's own); it is updated in place. Options as
-        :meth:`send`; a failure leaves the session (and ``kv``) as they were.
+        cache is reused for the prefix it shares with what was computed before, and too long a
+        conversation is handled by the session's ``context_policy``. ``kv`` is the KV state to
+        continue (default: the session's own); it is updated in place. ``cancel`` (anything
+        with ``is_set()``) stops this reply like :meth:`cancel`. Options as :meth:`send`;
+        bad options or messages raise before anything changes.
         """
-        from openai_harmony import Message
-
         opts = self._options(options)
-        messages = list(messages)
-        if not messages or not all(isinstance(m, Message) for m in messages):
-            raise TypeError("messages must be a non-empty list of openai-harmony Messages")
-        if _is_instruction(messages[-1]):
-            raise ValueError("the conversation must end with a user, tool or assistant message, not instructions")
-        return self._turn(messages[-1], opts, history=messages[:-1], kv=kv)
+        messages = _checked_conversation(messages)
+        return self._turn(messages[-1], opts, history=messages[:-1], kv=kv, cancel=cancel)
+
+    def reply_prompt(self, messages: Sequence[Any], **options: Any) -> list[int]:
+        """The prompt :meth:`stream_reply` would generate from (token ids), checking the options
+        and messages as it would (ValueError, TypeError, :class:`PromptTooLongError`); nothing
+        changes, so it may be called from another thread while the session generates."""
+        opts = self._options(options)
+        return self._fit(_checked_conversation(messages), 0, opts["max_tokens"])[0]
 
     def run(self, text: str, *, max_steps: int = 8, **options: Any) -> Reply:
         """Send ``text`` and execute the model's tool calls with the session's Python tools,
@@ -415,10 +418,12 @@ class ChatSession:
         """What the session's KV cache holds, position by position."""
         return self._kv.tokens
 
-    def _turn(self, message, opts: dict, *, history: list | None = None, kv: KVState | None = None) -> Iterator[Event | Done]:
+    def _turn(self, message, opts: dict, *, history: list | None = None, kv: KVState | None = None,
+              cancel: Any = None) -> Iterator[Event | Done]:  # fmt: skip
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this chat session is already generating")
         kv = self._kv if kv is None else kv
+        stop = self._cancel if cancel is None else _Either(self._cancel, cancel)
         saved = (self._messages, self._hidden, self._n_calls, self.last_prompt_ids)
         done = False
         try:
@@ -433,7 +438,7 @@ class ChatSession:
             if not self.reuse_kv:
                 kv.reset()
             call_ids = _CallIds(self._n_calls)
-            for ev in generate_reply(self.model, kv, ids, opts, call_ids=call_ids, cancel=self._cancel):
+            for ev in generate_reply(self.model, kv, ids, opts, call_ids=call_ids, cancel=stop):
                 if isinstance(ev, Done):
                     ev.reply.dropped_turns = dropped
                     self._messages = self._messages + ev.reply.messages
@@ -517,6 +522,27 @@ class _CallIds:
         return f"call_{self.n}"
 
 
+class _Either:
+    """Set when any of its events is set (the session's cancel, or one request's)."""
+
+    def __init__(self, *events: Any):
+        self.events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+def _checked_conversation(messages: Sequence[Any]) -> list:
+    from openai_harmony import Message
+
+    messages = list(messages) if isinstance(messages, (list, tuple)) else messages
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, Message) for m in messages):
+        raise TypeError("messages must be a non-empty list of openai-harmony Messages")
+    if _is_instruction(messages[-1]):
+        raise ValueError("the conversation must end with a user, tool or assistant message, not with instructions")
+    return messages
+
+
 def _is_instruction(message) -> bool:
     from openai_harmony import Role
 
@@ -560,6 +586,9 @@ def _checked_text(text: Any, what: str) -> str:
 def _is_panic(e: BaseException) -> bool:
     # pyo3 raises its PanicException (a BaseException, in no importable module) when Rust panics
     return type(e).__name__ == "PanicException"
+
+
+_for_rendering = for_rendering  # the old private name, still imported by code being moved to harmony.for_rendering
 
 
 class _StopText:

@@ -31,13 +31,16 @@ class KVState:
 
     Args:
         model: the model whose ``make_cache()`` gives the per-layer caches.
-        boundaries: token ids after which :meth:`fed` takes a snapshot (harmony's ``<|start|>``
-            and ``<|end|>``: where a later rendering may diverge).
+        boundaries: token ids after which :meth:`fed` takes a snapshot; default harmony's
+            ``<|start|>`` and ``<|end|>`` (where a later rendering may diverge).
         max_snapshots: snapshots kept (the newest positions).
     """
 
-    def __init__(self, model, boundaries: Iterable[int] = (), max_snapshots: int = MAX_SNAPSHOTS):
+    def __init__(self, model, boundaries: Iterable[int] | None = None, max_snapshots: int = MAX_SNAPSHOTS):
         self.model = model
+        if boundaries is None:
+            enc = model.tokenizer.encoding
+            boundaries = [enc.encode(t, allowed_special="all")[0] for t in ("<|start|>", "<|end|>")]
         self.boundaries = frozenset(boundaries)
         self.max_snapshots = max_snapshots
         self.reset()
