@@ -177,7 +177,13 @@ def test_env_var_forces_twin():
 
 # --- the kernel source, as MLX wraps it -----------------------------------------------------
 
-SLOW = pytest.mark.skipif(os.environ.get("MLX_GPTOSS_SLOW") != "1", reason="slow lane: set MLX_GPTOSS_SLOW=1")
+
+
+def slow(fn):
+    """The slow lane: marked ``slow`` and skipped unless MLX_GPTOSS_SLOW=1."""
+    return pytest.mark.slow(pytest.mark.skipif(os.environ.get("MLX_GPTOSS_SLOW") != "1", reason="slow lane: set MLX_GPTOSS_SLOW=1")(fn))
+
+
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 _NP = {"float32": np.float32, "uint32": np.uint32, "uint8": np.uint8}
@@ -341,11 +347,13 @@ def sim_program(launch, arrays, outs, offsets=None, grid=None):
     return "\n".join(lines)
 
 
-def run_metal_sim(tmp_path, name, arrays, outs, offsets=None, flags=(), env=None, grid=None, **kw):
+def run_metal_sim(tmp_path, name, arrays, outs, offsets=None, flags=(), env=None, grid=None, edit=None, **kw):
     """Capture MLX's Metal launch of gpu.py's call, compile it with the simulator and run it on
     ``arrays`` (list of (np array, mlx dtype name)); outs: (shape, dtype name) each. Returns the
     completed process and the outputs as float64 arrays."""
     launch = capture(name, arrays, **kw)
+    if edit is not None:  # a deliberately broken kernel, to show a check can fail
+        launch = launch._replace(source=edit(launch.source))
     if name == S.DOWN and not kw.get("has_res"):
         arrays = arrays[:6] + arrays[5:6]  # gpu.py passes the bias as the unread residual
     for i, (a, t) in enumerate(arrays):
@@ -484,7 +492,7 @@ def test_divergent_simd_call_is_an_error_not_a_hang(tmp_path):
     assert r.returncode == 4 and "only 16 of 32 threads reached a SIMD-group function" in r.stderr, r.stderr
 
 
-@SLOW
+@slow
 @needs_gxx
 def test_simulator_under_thread_sanitizer(tmp_path):
     """The kernels in the simulator under ThreadSanitizer: no data race between the threads of a
@@ -498,6 +506,10 @@ def test_simulator_under_thread_sanitizer(tmp_path):
     r, res = run_metal_sim(tmp_path, S.DOWN, down_in(res[0]), [((N, H), "float32")], launch=(2, 2), has_res=True, out_dtype=mx.float32, flags=flags, env=env)
     assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
     assert rel_err(res[0], down_ref + resid) < 1e-5
+    # without the barrier between filling shared x and reading it, ThreadSanitizer must object
+    no_barrier = lambda src: src.replace("GX_BARRIER;", "", 1)  # noqa: E731
+    r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((N, K, I), "float32")], launch=(2, 2), flags=flags, env=env, edit=no_barrier)
+    assert res is None and "data race" in r.stderr, r.stderr[-4000:]
     logits = bf16(np.random.default_rng(0).normal(0, 2, (3, 32)))
     r, res = run_metal_sim(tmp_path, S.ROUTE, [(logits, "bfloat16")], [((3, K), "uint32"), ((3, K), "bfloat16")], k=K, flags=flags, env=env)
     assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
