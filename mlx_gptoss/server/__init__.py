@@ -25,3 +25,14 @@ sessions use: :mod:`mlx_gptoss.kvreuse`)::
 requests, Chat Completions and Responses translated to and from harmony messages and events,
 server-sent events, errors as OpenAI error objects, API key, CORS, limits.
 """
+
+__all__ = ["create_app", "serve"]
+
+
+def __getattr__(name: str):
+    # the HTTP stack (FastAPI, the `server` extra) is imported only when an app asks for it
+    if name in __all__:
+        from . import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -153,10 +153,9 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
     """
     model = getattr(engine, "model", None)
     encoding = getattr(getattr(model, "tokenizer", None), "encoding", None)
-    if max_tokens is None:
-        from ..chat import context_size
-
-        max_tokens = context_size(model) // 2 if model is not None else DEFAULT_MAX_TOKENS
+    if max_tokens is None:  # half the context the engine's session allows, so a prompt has room too
+        context = getattr(getattr(engine, "session", None), "context_size", None)
+        max_tokens = context // 2 if context else DEFAULT_MAX_TOKENS
     default_tokens = min(DEFAULT_MAX_TOKENS, max_tokens)
     store = _Store(store_size)
     app = FastAPI(title="mlx-gptoss", docs_url=None, redoc_url=None, openapi_url=None)
@@ -189,12 +188,14 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
     def submit(messages: list, **options: Any):
         try:
             return engine.submit(messages, **{k: v for k, v in options.items() if v is not None})
-        except ValueError as e:  # a conversation that cannot be rendered, or does not fit
+        except (ValueError, TypeError) as e:  # a conversation that cannot be rendered, or does not fit
             raise APIError(400, str(e)) from None
-        except Exception as e:
+        except RuntimeError as e:  # matched by name: the app takes any engine with this contract
             if type(e).__name__ == "QueueFull":
                 raise APIError(429, "the server is busy (its request queue is full); retry shortly",
                                type="rate_limit_error", code="queue_full") from None  # fmt: skip
+            if type(e).__name__ == "EngineClosed":
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down") from None
             raise
 
     @app.get("/health")
