@@ -56,6 +56,13 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _text_format(fmt: Any, field: str) -> None:
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type", "text") != "text"):
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise ValueError(f"{field}: only plain text output is supported (structured output {kind!r} is not: "
+                         f"nothing here constrains the model to a schema)")  # fmt: skip
+
+
 # -- Chat Completions ---------------------------------------------------------------------------
 
 
@@ -140,9 +147,11 @@ class ChatRequest(_Model):
     stream_options: StreamOptions | None = None
     n: int = 1
     logprobs: bool | None = None
+    response_format: dict | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> "ChatRequest":
+        _text_format(self.response_format, "response_format")
         if self.n != 1:
             raise ValueError("n: only one choice per request is supported (n=1)")
         if self.logprobs:
@@ -236,6 +245,15 @@ class ResponsesRequest(_Model):
     stream: bool = False
     parallel_tool_calls: bool | None = None
     metadata: dict | None = None
+    text: dict | None = None
+    background: bool | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "ResponsesRequest":
+        _text_format((self.text or {}).get("format"), "text.format")
+        if self.background:
+            raise ValueError("background: not supported by this server (stream instead)")
+        return self
 
     @field_validator("include")
     @classmethod
