@@ -24,8 +24,8 @@ def main() -> None:
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace DST if it is an earlier mlx-gptoss conversion (or empty).")
-@click.option("--layout", type=click.Choice(["hf", "hf-dense", "original"]), default=None,
-              help="Source layout (default: detected from the tensor names).")  # fmt: skip
+@click.option("--layout", type=click.Choice(["hf", "hf-dense", "hf-dense-t", "original", "mlx-lm"]), default=None,
+              help="Source layout (default: detected from the tensor names; hf-dense-t: dense experts [E, out, in]).")  # fmt: skip
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output file.")
 @click.option("--preset", type=click.Choice(["none", "16gb"]), default="none", show_default=True,
               help="Storage of the non-expert weights: 16gb = attention and unembedding 8-bit, embedding 8-bit.")
@@ -33,13 +33,19 @@ def main() -> None:
 @click.option("--lm-head", default=None, help="Unembedding: as --attention.")
 @click.option("--embedding", default=None, help="Embedding: as --attention.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@click.option("--revision", default=None, help="With a repo id: the branch, tag or commit to download (default: main).")
+@click.option("--keep-download/--drop-download", default=None,
+              help="With a repo id: keep the download in the Hugging Face cache after converting  [default: keep, "
+                   "or $MLX_GPTOSS_KEEP_DOWNLOAD]")  # fmt: skip
 def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str, preset: str, attention: str | None,
-            lm_head: str | None, embedding: str | None, progress: bool | None) -> None:  # fmt: skip
-    """Convert a released checkpoint SRC (folder or Hugging Face repo id) into DST.
+            lm_head: str | None, embedding: str | None, progress: bool | None, revision: str | None,
+            keep_download: bool | None) -> None:  # fmt: skip
+    """Convert a checkpoint SRC (folder or Hugging Face repo id) into DST.
 
     SRC may be in the released Hugging Face layout (MXFP4 experts), openai's original/ layout,
-    or a Hugging Face layout with dense experts (quantized to MXFP4 here). Released MXFP4
-    experts are kept bit-exact.
+    mlx-lm's layout (mlx-community exports, mlx-vlm's language_model. prefix included), or a
+    Hugging Face layout with dense experts (quantized to MXFP4 here). MXFP4 experts are kept
+    bit-exact, and layers an mlx-lm checkpoint stores quantized are kept as stored.
     """
     from pathlib import Path
 
@@ -56,18 +62,85 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
         for comp, text in (("attention", attention), ("lm_head", lm_head), ("embed_tokens", embedding)):
             if text is not None:
                 quantization[comp] = QuantSpec.parse(text)
-        source = src
-        if not Path(src).expanduser().exists() and _REPO_ID.match(src):
-            from mlx_gptoss_convert.hub import download
+        source, hub = src, not Path(src).expanduser().exists() and _REPO_ID.match(src)
+        if revision is not None and not hub:
+            raise ValueError(f"--revision is for a Hugging Face repo id; {src} is a folder")
+        if hub:
+            from mlx_gptoss_convert.hub import download, keep_download_default
 
-            source = download(src)
+            keep = keep_download_default() if keep_download is None else keep_download  # a bad setting fails first
+            source = download(src, revision=revision)
         out = run(source, dst, force=force, layout=layout, shard_bytes=shard_bytes, quantization=quantization,
                   progress=progress)  # fmt: skip
+        if hub:
+            _after_download(src, source, out, keep)
     except (ConversionError, ValueError) as e:
         raise _Fail(str(e)) from None
     except OSError as e:  # a write that failed (read-only or full disk): the partial output is already removed
         raise _Fail(describe_os_error(e, dst)) from None
     click.echo(f"converted {src} -> {out}", err=True)
+
+
+def _after_download(repo_id: str, snapshot, out, keep: bool) -> None:
+    """Keep (and say what dropping frees) or drop the download, once the converted copy is checked."""
+    from mlx_gptoss.models import verify
+    from mlx_gptoss_convert.hub import KEEP_ENV, download_size, drop_download
+
+    verify(out)
+    if keep:
+        click.echo(f"the download is kept in {snapshot}; dropping it would free {download_size(snapshot) / 1e9:.2f} GB: "
+                   f"`hf cache rm model/{repo_id}` (or --drop-download / {KEEP_ENV}=0)", err=True)  # fmt: skip
+        return
+    freed = drop_download(snapshot)
+    click.echo(f"dropped the download, {freed / 1e9:.2f} GB freed" if freed is not None
+               else f"{snapshot} is not a Hugging Face cache revision: left as it is", err=True)  # fmt: skip
+
+
+def _download_option(f):
+    """--keep-download/--drop-download for commands that convert a repo id on first use (sets $MLX_GPTOSS_KEEP_DOWNLOAD)."""
+    import os
+
+    def set_env(ctx, param, value) -> None:  # noqa: ANN001
+        if value is not None:
+            os.environ["MLX_GPTOSS_KEEP_DOWNLOAD"] = "1" if value else "0"
+
+    return click.option("--keep-download/--drop-download", default=None, expose_value=False, callback=set_env,
+                        help="When a repo id is converted on first use: keep its download in the Hugging Face cache "
+                             "[default: keep, or $MLX_GPTOSS_KEEP_DOWNLOAD]")(f)  # fmt: skip
+
+
+@main.command("list")
+def list_() -> None:
+    """The converted models in the cache (name, source, size, quantization, format version)."""
+    from mlx_gptoss.models import list_models, models_root
+
+    models = list_models()
+    if not models:
+        click.echo(f"no converted models in {models_root()}", err=True)
+        return
+    rows = [["NAME", "SOURCE", "SIZE", "QUANTIZATION", "FORMAT"], *(m.row() for m in models)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@main.command()
+@click.argument("name")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def rm(name: str, yes: bool) -> None:
+    """Delete the converted model NAME (as `mlx-gptoss list` shows it) from the cache."""
+    from mlx_gptoss.models import find_model, remove_model
+
+    try:
+        path = find_model(name)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise ValueError(f"{path}: not removed; confirm with --yes (no terminal to ask on)")
+            click.confirm(f"delete {path}?", abort=True, err=True)
+        path, size = remove_model(name)
+    except (ValueError, OSError) as e:
+        raise _Fail(str(e)) from None
+    click.echo(f"removed {path} ({size / 1e9:.2f} GB freed)", err=True)
 
 
 @main.command()
@@ -123,6 +196,7 @@ def export(model: str, dst: str, fmt: str, dequantize: bool, force: bool, shard_
 @click.option("--adapter", default=None, type=click.Path(file_okay=False),
               help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
+@_download_option
 def generate(prompt: str | None, model: str, system: str | None, reasoning_effort: str, show_reasoning: bool,
              raw: bool, max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float, seed: int | None,
              prefill_step: int | None, memory_budget: str | None, context: int, show_plan: bool, adapter: str | None,
@@ -204,6 +278,7 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
               help="With --memory-budget: the longest conversation to reserve the KV cache for.")
 @click.option("--adapter", default=None, type=click.Path(file_okay=False),
               help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
+@_download_option
 def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reasoning: bool, max_tokens: int | None,
          temp: float, top_p: float, top_k: int, min_p: float, seed: int | None, context_policy: str,
          load_file: str | None, memory_budget: str | None, context: int, adapter: str | None) -> None:  # fmt: skip
@@ -257,6 +332,7 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=1), help="Requests waiting beyond this get 429.")
 @click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Longest reply a request may ask for  [default: half the context]")
 @click.option("--cors-origin", default=None, help="The one browser origin allowed to call the API (default: none).")
+@_download_option
 def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | None, memory_budget: str | None, context: int,
           max_queue: int, max_tokens: int | None, cors_origin: str | None) -> None:  # fmt: skip
     """Serve the model over HTTP: OpenAI's Responses API and Chat Completions (see README "Serve")."""
@@ -276,7 +352,7 @@ def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | 
 
 
 @main.command()
-@click.option("-m", "--model", default=None, help="A converted model folder to size up.")
+@click.option("-m", "--model", default=None, help="A converted model folder, or a repo id converted before, to size up.")
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1))
 @click.option("--train-seq-len", default=None, type=click.IntRange(min=2), help="Plan LoRA training on sequences this long instead.")
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=1), help="With --train-seq-len.")
@@ -287,17 +363,20 @@ def doctor(model: str | None, context: int, train_seq_len: int | None, lora_rank
     from pathlib import Path
 
     from mlx_gptoss.doctor import report
+    from mlx_gptoss.loader import resolve_model
 
     try:
         spec = None
-        if train_seq_len is not None and model is not None:
+        # a repo id names its converted copy in the cache; doctor never starts a download
+        path = None if model is None else resolve_model(model, convert=False)
+        if train_seq_len is not None and path is not None:
             from mlx_gptoss.config import GptOssConfig
             from mlx_gptoss.lora.adapters import LoRASpec
 
-            n_layers = GptOssConfig.from_file(Path(model).expanduser() / "config.json").num_hidden_layers
+            n_layers = GptOssConfig.from_file(path / "config.json").num_hidden_layers
             spec = LoRASpec(rank=lora_rank, alpha=2.0 * lora_rank, targets=tuple(t.strip() for t in lora_targets.split(",")),
                             layers=_parse_layers(lora_layers, n_layers))  # fmt: skip
-        click.echo(report(None if model is None else Path(model).expanduser(), context, train_seq_len=train_seq_len, lora_spec=spec))
+        click.echo(report(path, context, train_seq_len=train_seq_len, lora_spec=spec))
     except (ValueError, OSError) as e:
         raise _Fail(str(e)) from None
 
@@ -356,6 +435,7 @@ def _parse_layers(text: str, num_layers: int) -> tuple[int, ...] | None:
 @click.option("--metrics", default=None, type=click.Path(dir_okay=False), help="JSON lines of metrics (default: OUTPUT/metrics.jsonl).")
 @click.option("--plot", is_flag=True, help="Draw the loss curve into OUTPUT/loss.png (needs matplotlib).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
+@_download_option
 def lora_train(model: str, data: str, valid: str | None, output: str, rank: int, alpha: float, targets: str, layers: str,
                lr: float, warmup: int | None, schedule: str, iters: int | None, epochs: int | None, batch_size: int,
                grad_accum: int, max_seq_len: int, train_on: str, overflow: str, memory_budget: str | None,

@@ -34,26 +34,36 @@ def cache_root() -> Path:
     return Path(os.environ.get("MLX_GPTOSS_CACHE", Path.home() / ".cache" / "mlx-gptoss"))
 
 
-def resolve_model(path_or_repo: str | Path, *, progress: bool | None = None) -> Path:
-    """A converted model folder for a path or a Hugging Face repo id (downloaded and converted once)."""
+def resolve_model(path_or_repo: str | Path, *, progress: bool | None = None, revision: str | None = None,
+                  keep_download: bool | None = None, convert: bool = True) -> Path:  # fmt: skip
+    """A converted model folder for a path or a Hugging Face repo id (downloaded and converted once).
+
+    A repo id is looked up in ``cache_root()/models`` (see :mod:`mlx_gptoss.models`). The first
+    time, it is downloaded into the Hugging Face cache (``$HF_TOKEN`` for private or gated repos)
+    and converted there: where it writes and the disk it needs are said on stderr first, free space
+    is checked, and once the converted copy is checked the download is kept or dropped
+    (``keep_download``; default ``$MLX_GPTOSS_KEEP_DOWNLOAD``, else keep). ``convert=False``
+    raises :class:`LoadError` instead of downloading.
+    """
     p = Path(path_or_repo).expanduser()
     if p.exists():
         return p
     name = str(path_or_repo)
     if not _REPO_ID.match(name):
         raise LoadError(f"{name}: no such folder, and not a Hugging Face repo id (owner/name)")
-    converted = cache_root() / "models" / name.replace("/", "--")
+    from .models import convert_once, converted_path
+
+    converted = converted_path(name, revision)
     if (converted / "config.json").is_file():
         return converted
-    from mlx_gptoss_convert import convert
-    from mlx_gptoss_convert.hub import download
-
+    if not convert:
+        raise LoadError(f"{name}: not converted yet ({converted} does not exist); `mlx-gptoss convert {name} {converted}` "
+                        f"converts it (generate and chat do it on first use)")  # fmt: skip
     hint = (
         f"It has not been converted yet ({converted} does not exist). If you have the release downloaded, "
         "convert it: `mlx-gptoss convert SRC DST`, then run with `--model DST` (in Python: load(DST))."
     )
-    convert(download(name, offline_hint=hint), converted, progress=progress)
-    return converted
+    return convert_once(name, converted, revision=revision, progress=progress, keep_download=keep_download, offline_hint=hint)
 
 
 def _format_check(path: Path, raw: Any) -> None:

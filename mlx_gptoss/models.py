@@ -1,0 +1,148 @@
+"""Converted models in the cache (``cache_root()/models``): the first conversion of a repo id, list, remove.
+
+A repo id is converted once into ``models/owner--name`` (``owner--name@revision`` for another
+revision than the default); only folders our converter wrote are listed or removed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .loader import FORMAT_NAME, LoadError, cache_root
+
+
+def models_root() -> Path:
+    """The folder of converted models: ``$MLX_GPTOSS_CACHE/models`` (default ``~/.cache/mlx-gptoss/models``)."""
+    return cache_root() / "models"
+
+
+def converted_path(repo_id: str, revision: str | None = None) -> Path:
+    """Where ``repo_id`` (at ``revision``) is converted once."""
+    return models_root() / (repo_id.replace("/", "--") + (f"@{revision.replace('/', '--')}" if revision else ""))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _say(text: str) -> None:
+    print(f"mlx-gptoss: {text}", file=sys.stderr, flush=True)
+
+
+def convert_once(repo_id: str, dst: Path, *, revision: str | None = None, progress: bool | None = None,
+                 keep_download: bool | None = None, offline_hint: str | None = None) -> Path:  # fmt: skip
+    """Download ``repo_id`` and convert it into ``dst``, saying where and how much disk first.
+
+    Args:
+        keep_download: keep the downloaded copy in the Hugging Face cache after the converted one
+            is checked (default ``$MLX_GPTOSS_KEEP_DOWNLOAD``, else keep); when kept, the space
+            dropping would free and the command that does it are printed.
+        offline_hint: ends the error raised when there is no network and no cached copy.
+    """
+    from mlx_gptoss_convert import convert
+    from mlx_gptoss_convert.destination import SPACE_MARGIN, check_free_space
+    from mlx_gptoss_convert.hub import (KEEP_ENV, OFFLINE_HINT, download, download_size, drop_download, keep_download_default,
+                                        remote_size)  # fmt: skip
+
+    keep = keep_download_default() if keep_download is None else keep_download  # a bad setting fails before any download
+    size = remote_size(repo_id, revision)
+    need = f"about {_gb(size)} for the download and as much for the converted copy" if size else "about twice the download"
+    _say(f"{repo_id} is not converted yet: downloading it into the Hugging Face cache, then converting it once into "
+         f"{dst} ({need})")  # fmt: skip
+    if size:
+        check_free_space(dst.parent, size + SPACE_MARGIN)
+    src = download(repo_id, revision=revision, offline_hint=offline_hint or OFFLINE_HINT)
+    size = download_size(src)
+    check_free_space(dst.parent, size + SPACE_MARGIN)
+    convert(src, dst, progress=progress)
+    verify(dst)
+    if keep:
+        _say(f"the download is kept in {src}; dropping it would free {_gb(size)}: `hf cache rm model/{repo_id}` "
+             f"(or --drop-download / {KEEP_ENV}=0 next time)")  # fmt: skip
+    else:
+        freed = drop_download(src)
+        _say(f"dropped the download, {_gb(freed)} freed" if freed is not None else f"{src} is not a Hugging Face cache revision: left as it is")
+    return dst
+
+
+def verify(path: Path) -> None:
+    """The checks load() makes (format, config, every tensor's name, dtype and shape), reading headers only."""
+    from mlx.utils import tree_flatten
+
+    from .config import GptOssConfig, read_json
+    from .loader import _format_check, load_weights
+    from .model import GptOss
+
+    raw = read_json(path / "config.json")
+    _format_check(path, raw)
+    config = GptOssConfig.from_dict(raw, source=str(path / "config.json"))
+    load_weights(path, dict(tree_flatten(GptOss(config).parameters())))
+
+
+@dataclass
+class ModelInfo:
+    """One converted model of the cache."""
+
+    name: str
+    path: Path
+    source: str
+    size: int
+    quantization: str
+    format_version: int | None
+
+    def row(self) -> list[str]:
+        return [self.name, self.source, _gb(self.size), self.quantization, str(self.format_version)]
+
+
+def _ours(path: Path) -> dict | None:
+    """The config.json of a folder our converter wrote, else None."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fmt = raw.get("mlx_gptoss") if isinstance(raw, dict) else None
+    return raw if isinstance(fmt, dict) and fmt.get("format") == FORMAT_NAME else None
+
+
+def _name(folder: str) -> str:
+    return folder.replace("--", "/", 1)
+
+
+def list_models() -> list[ModelInfo]:
+    """The converted models in the cache, by name; folders our converter did not write are left out."""
+    root = models_root()
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        raw = _ours(p) if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") else None
+        if raw is None:
+            continue
+        quant = raw.get("quantization") or {}
+        q = ", ".join(f"{c} {s.get('mode', 'affine')} {s.get('bits')}-bit" for c, s in sorted(quant.items()) if isinstance(s, dict))
+        meta = raw["mlx_gptoss"]
+        out.append(ModelInfo(_name(p.name), p, str(meta.get("source", "?")), sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
+                             "experts mxfp4" + (f"; {q}" if q else ""), meta.get("format_version")))  # fmt: skip
+    return out
+
+
+def find_model(name: str) -> Path:
+    """The cache folder of a converted model named ``owner/name`` (or by its folder name)."""
+    folder = name.replace("/", "--", 1)
+    p = models_root() / folder
+    if "/" not in folder and folder not in ("", ".", "..") and (p.exists() or p.is_symlink()):
+        if p.is_symlink() or _ours(p) is None:
+            raise LoadError(f"{p}: not a model mlx-gptoss converted; not removed (remove it yourself if you mean to)")
+        return p
+    known = ", ".join(m.name for m in list_models()) or "none"
+    raise LoadError(f"{name}: no such converted model in {models_root()} (converted models: {known})")
+
+
+def remove_model(name: str) -> tuple[Path, int]:
+    """Delete a converted model from the cache; its folder and the bytes freed."""
+    path = find_model(name)
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    shutil.rmtree(path)
+    return path, size
