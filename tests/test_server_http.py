@@ -31,7 +31,7 @@ from mlx_gptoss.server.app import create_app  # noqa: E402
 MODEL = "tiny-gptoss"
 
 
-class QueueFull(Exception):
+class QueueFull(RuntimeError):
     """What the engine raises at its bound (matched by name, like the real engine's)."""
 
 
@@ -250,6 +250,8 @@ def test_bad_requests_get_clear_openai_errors():
             _error(x.post(chat, json={**ok, "tool_choice": "required"}, headers=h), 400, "tool_choice")
             _error(x.post(chat, json={**ok, "max_tokens": 101}, headers=h), 400, "limit of 100")
             _error(x.post(chat, json={**ok, "n": 2}, headers=h), 400, "n=1")
+            _error(x.post(chat, json={**ok, "response_format": {"type": "json_schema"}}, headers=h), 400, "json_schema")
+            _error(x.post(resp, json={"model": MODEL, "input": "x", "text": {"format": {"type": "json_object"}}}, headers=h), 400, "json_object")
             _error(x.post(chat, json={**ok, "messages": [{"role": "tool", "tool_call_id": "c9", "content": "1"}]}, headers=h), 400, "c9")
             _error(x.post(chat, json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, headers=h), 400, "text")
             err = _error(x.post(resp, json={"model": MODEL, "input": "x", "previous_response_id": "resp_nope"}, headers=h), 400, "resp_nope")
@@ -329,3 +331,133 @@ def test_serve_command_refuses_an_open_host_without_a_key():
     out = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli", "serve", "-m", "/nonexistent/secret/model", "--host", "0.0.0.0"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode != 0 and "--api-key" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- the real engine, on a tiny model ---------------------------------------------------------------
+
+TOOL_REPLY = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
+FINAL_REPLY = "<|channel|>final<|message|>It is 21 C in Paris.<|return|>"
+
+
+def rig(model, reply: str, loop: bool = False) -> None:
+    """Greedy decoding now writes ``reply`` after ``<|start|>assistant`` (forever, when ``loop``:
+    its last token is followed by itself)."""
+    from rig import rig_bigram, successors
+
+    enc = model.tokenizer.encoding
+    toks = enc.encode("<|start|>assistant", allowed_special="all")[-1:] + enc.encode(reply, allowed_special="all")
+    nxt = successors(toks)
+    if loop:
+        nxt[toks[-1]] = toks[-1]
+    rig_bigram(model, nxt)
+
+
+@pytest.fixture(scope="module")
+def served(vocab_model_dir):
+    """A real engine on a tiny model (rigged per test), served by uvicorn."""
+    from mlx_gptoss import load
+    from mlx_gptoss.server.engine import Engine
+
+    model = load(vocab_model_dir)
+    rig(model, FINAL_REPLY)
+    engine = Engine(model, max_queue=2)
+    try:
+        with running(create_app(engine, model_id=MODEL)) as url:
+            yield model, engine, url
+    finally:
+        engine.close()
+
+
+def test_real_engine_tool_round_trip_both_apis_with_the_prompt_cache(served):
+    model, engine, url = served
+    c = client(url)
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    rig(model, TOOL_REPLY)
+    r = c.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], temperature=0, max_tokens=40)
+    call = r.choices[0].message.tool_calls[0]
+    assert (r.choices[0].finish_reason, call.function.name, json.loads(call.function.arguments)) == \
+        ("tool_calls", "get_weather", {"city": "Paris"})  # fmt: skip
+    rig(model, FINAL_REPLY)
+    msgs += [r.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    r2 = c.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], temperature=0, max_tokens=40)
+    assert (r2.choices[0].message.content, r2.choices[0].finish_reason) == ("It is 21 C in Paris.", "stop")
+    # the stateless client resent the conversation: its prefix came from the prompt cache (all of the
+    # first prompt but the last token; harmony re-renders a call's header in another order than written)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens - 1
+
+    rig(model, TOOL_REPLY)
+    events = list(c.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER_R], temperature=0, stream=True))
+    done = events[-1].response
+    fc = done.output[-1]
+    assert (done.status, fc.type, fc.name, json.loads(fc.arguments)) == ("completed", "function_call", "get_weather", {"city": "Paris"})
+    rig(model, FINAL_REPLY)
+    r3 = c.responses.create(model=MODEL, previous_response_id=done.id, tools=[WEATHER_R], temperature=0,
+                            input=[{"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp": 21}'}])  # fmt: skip
+    assert r3.output_text == "It is 21 C in Paris." and r3.usage.input_tokens_details.cached_tokens >= done.usage.input_tokens - 1
+
+
+def test_real_engine_greedy_text_over_http_equals_the_chat_session(served):
+    from mlx_gptoss.chat import ChatSession
+
+    model, engine, url = served
+    rig(model, "<|channel|>final<|message|>Counting one two three four five.<|return|>")
+    want = ChatSession(model, instructions="Count.", reasoning_effort="low").send("Go", max_tokens=30)
+    c = client(url)
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Count."}, {"role": "user", "content": "Go"}],
+                                     reasoning_effort="low", temperature=0, max_tokens=30)  # fmt: skip
+    resp = c.responses.create(model=MODEL, instructions="Count.", input="Go", reasoning={"effort": "low"}, temperature=0,
+                              max_output_tokens=30)  # fmt: skip
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=MODEL, messages=[{"role": "system", "content": "Count."}, {"role": "user", "content": "Go"}],
+        reasoning_effort="low", temperature=0, max_tokens=30, stream=True) if ch.choices)  # fmt: skip
+    assert want.final == chat.choices[0].message.content == resp.output_text == streamed == "Counting one two three four five."
+    assert chat.usage.prompt_tokens == resp.usage.input_tokens == want.stats.prompt_tokens
+    assert chat.usage.completion_tokens == want.stats.generation_tokens
+
+
+def test_real_engine_disconnect_cancels_and_health_answers_meanwhile(served):
+    model, engine, url = served
+    rig(model, "<|channel|>final<|message|> la", loop=True)  # never ends by itself
+    with httpx.Client(timeout=20) as x, x.stream("POST", f"{url}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Sing"}], "stream": True, "max_tokens": 2000}) as r:  # fmt: skip
+        lines = r.iter_lines()
+        assert any(" la" in line for line in lines if line.startswith("data:"))  # generating
+        t0 = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=2).status_code == 200 and time.monotonic() - t0 < 1
+        assert engine._running is not None
+    deadline = time.monotonic() + 3  # 2000 tokens would take far longer
+    while engine._running is not None:
+        assert time.monotonic() < deadline, "the generation went on after the client left"
+        time.sleep(0.02)
+    rig(model, FINAL_REPLY)
+    assert client(url).responses.create(model=MODEL, input="x", temperature=0).output_text == "It is 21 C in Paris."
+
+
+def test_real_engine_under_load_completes_or_refuses_every_request(served):
+    model, engine, url = served
+    rig(model, FINAL_REPLY)
+    results: list = []
+
+    def one(i: int) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Weather {i}?"}], "temperature": 0, "max_tokens": 20}
+        try:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+            results.append((r.status_code, r.json()))
+        except Exception as e:  # noqa: BLE001 - counted as a failure below
+            results.append((None, repr(e)))
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 50 and time.monotonic() - t0 < 60
+    codes = sorted(code for code, _ in results)
+    assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 1, codes
+    for code, body in results:
+        if code == 200:
+            assert body["choices"][0]["message"]["content"] == "It is 21 C in Paris."
+        else:
+            assert body["error"]["type"] == "rate_limit_error"
+    assert engine.queued == 0
