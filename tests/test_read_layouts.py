@@ -263,3 +263,14 @@ def test_cli_converts_an_mlxlm_folder(root, tmp_path):
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]["router"] == Q8
+
+
+def test_quantized_router_streams_under_a_memory_budget(root, tmp_path):
+    from mlx_gptoss.memory import budget_for_slots, read_tensors
+
+    out = convert(root / "mlxlm-q8", tmp_path / "out")
+    base = mlx_gptoss.load(out, dtype=mx.float32)
+    budget = budget_for_slots(base.config, read_tensors(out), 4, context=512, float_bytes=4)
+    small = mlx_gptoss.load(out, dtype=mx.float32, memory_budget=budget, context=512)
+    assert small.memory_plan.expert_slots == 4
+    np.testing.assert_array_equal(np.array(small(IDS)), np.array(base(IDS)))
