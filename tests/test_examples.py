@@ -29,3 +29,16 @@ def test_example_app_tools(tmp_path, monkeypatch):
 
     schema = tool_from_function(app.convert_units).parameters
     assert schema["properties"]["unit"]["enum"] == ["mi", "km", "lb", "kg", "F", "C"] and schema["required"] == ["value", "unit"]
+
+
+def test_finetune_example_trains_saves_and_chats_with_the_adapter(vocab_model_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]}) + "\n")
+    r = subprocess.run([sys.executable, str(EXAMPLES[0].parent / "finetune.py"), str(vocab_model_dir), str(data), str(tmp_path / "ad")],
+                       input="hi\n", capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "completed: 1 steps" in r.stderr and (tmp_path / "ad" / "adapter_config.json").is_file()
