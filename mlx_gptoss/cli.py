@@ -66,34 +66,20 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
         if revision is not None and not hub:
             raise ValueError(f"--revision is for a Hugging Face repo id; {src} is a folder")
         if hub:
-            from mlx_gptoss_convert.hub import download, keep_download_default
+            from mlx_gptoss.models import fetch, finish_download
+            from mlx_gptoss_convert.hub import keep_download_default
 
             keep = keep_download_default() if keep_download is None else keep_download  # a bad setting fails first
-            source = download(src, revision=revision)
+            source = fetch(src, Path(dst), revision=revision)
         out = run(source, dst, force=force, layout=layout, shard_bytes=shard_bytes, quantization=quantization,
                   progress=progress)  # fmt: skip
         if hub:
-            _after_download(src, source, out, keep)
+            finish_download(src, source, out, keep)
     except (ConversionError, ValueError) as e:
         raise _Fail(str(e)) from None
     except OSError as e:  # a write that failed (read-only or full disk): the partial output is already removed
         raise _Fail(describe_os_error(e, dst)) from None
     click.echo(f"converted {src} -> {out}", err=True)
-
-
-def _after_download(repo_id: str, snapshot, out, keep: bool) -> None:
-    """Keep (and say what dropping frees) or drop the download, once the converted copy is checked."""
-    from mlx_gptoss.models import verify
-    from mlx_gptoss_convert.hub import KEEP_ENV, download_size, drop_download
-
-    verify(out)
-    if keep:
-        click.echo(f"the download is kept in {snapshot}; dropping it would free {download_size(snapshot) / 1e9:.2f} GB: "
-                   f"`hf cache rm model/{repo_id}` (or --drop-download / {KEEP_ENV}=0)", err=True)  # fmt: skip
-        return
-    freed = drop_download(snapshot)
-    click.echo(f"dropped the download, {freed / 1e9:.2f} GB freed" if freed is not None
-               else f"{snapshot} is not a Hugging Face cache revision: left as it is", err=True)  # fmt: skip
 
 
 def _download_option(f):
@@ -358,11 +344,18 @@ def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | 
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=1), help="With --train-seq-len.")
 @click.option("--lora-targets", default="attention", show_default=True, help="With --train-seq-len: attention, router, experts.")
 @click.option("--lora-layers", default="all", show_default=True, help='With --train-seq-len: "all", "last:N" or 0,1,2.')
-def doctor(model: str | None, context: int, train_seq_len: int | None, lora_rank: int, lora_targets: str, lora_layers: str) -> None:
+@click.option("--kernels", "check_kernels", is_flag=True,
+              help="Check the custom GPU kernels against their twins and time them: a report to paste into an issue.")
+def doctor(model: str | None, context: int, train_seq_len: int | None, lora_rank: int, lora_targets: str, lora_layers: str,
+           check_kernels: bool) -> None:  # fmt: skip
     """This machine's memory and GPU limit, the model's components, and a budget that fits."""
     from pathlib import Path
 
-    from mlx_gptoss.doctor import report
+    from mlx_gptoss.doctor import kernels_report, report
+
+    if check_kernels:
+        click.echo(kernels_report())
+        return
     from mlx_gptoss.loader import resolve_model
 
     try:

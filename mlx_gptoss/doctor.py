@@ -42,6 +42,15 @@ def machine() -> Machine:
     return Machine(f"{platform.system()} {platform.machine()}", ram, backend, gpu_limit)
 
 
+def kernels_report() -> str:
+    """`doctor --kernels`: the machine, then each custom GPU kernel against its twin and a short
+    benchmark (or why the kernels are not used here); see :mod:`mlx_gptoss.kernels.selfcheck`."""
+    from .kernels.selfcheck import report as kernel_checks
+
+    m = machine()
+    return f"machine: {m.system}, {m.ram / GB:.1f} GB RAM, MLX backend {m.backend}\n" + kernel_checks()
+
+
 def report(model_dir: Path | None, context: int = 8192, *, train_seq_len: int | None = None, lora_spec=None) -> str:  # noqa: ANN001
     """The machine's memory and, for a converted ``model_dir``, its memory plan and a verdict.
 

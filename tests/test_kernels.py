@@ -4,10 +4,12 @@ on the CPU in a thread simulator against the same reference; the dispatcher's ch
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,12 +17,21 @@ import numpy as np
 import pytest
 
 from mlx_gptoss import kernels
-from mlx_gptoss.kernels import gpu, ops
+from mlx_gptoss.kernels import gpu, ops, selfcheck
 from mlx_gptoss.kernels import source as S
 from mlx_gptoss_convert.synthetic import dequantize_mxfp4
 
 LIMIT, ALPHA = 7.0, 1.702
 HERE = Path(__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def _fresh_selfcheck(tmp_path, monkeypatch):
+    """Self-check verdicts live in a temporary cache and are forgotten after each test."""
+    monkeypatch.setenv("MLX_GPTOSS_CACHE", str(tmp_path / "cache"))
+    selfcheck.reset()
+    yield
+    selfcheck.reset()
 
 
 def make_experts(rng, E, d_out, d_in):
@@ -147,6 +158,7 @@ def test_dispatcher_routes_by_token_count(monkeypatch):
     still match the reference on both sides of the threshold."""
     calls = []
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(selfcheck, "failed", lambda dialect: frozenset())
     monkeypatch.setattr(gpu, "mxfp4_gate_up_swiglu", lambda *a, dialect, **k: calls.append("gate_up") or ops.mxfp4_gate_up_swiglu(*a, **k))
     monkeypatch.setattr(gpu, "mxfp4_down_combine", lambda *a, dialect, **k: calls.append("down") or ops.mxfp4_down_combine(*a, **k))
     rng = np.random.default_rng(5)
@@ -166,13 +178,129 @@ def test_dispatcher_routes_by_token_count(monkeypatch):
 
 def test_env_var_forces_twin():
     code = "import mlx.core as mx; from mlx_gptoss import kernels; mx.set_default_device(mx.cpu); print(kernels._mode)"
-    import os
-    import sys
-
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_KERNELS": "twin"}, capture_output=True, text=True)
     assert out.stdout.strip() == "twin", out.stderr
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_KERNELS": "nope"}, capture_output=True, text=True)
     assert bad.returncode != 0 and "MLX_GPTOSS_KERNELS" in bad.stderr
+
+
+# --- the self-check in front of the GPU kernels ---------------------------------------------
+
+F32 = mx.float32
+
+
+def fake_gpu(monkeypatch, *, route=None, gate_up=None, down=None, calls=None):
+    """A "metal" backend whose kernels are the twins computing in float32 as the kernels do,
+    unless replaced (a broken kernel); calls records the launches."""
+    calls = [] if calls is None else calls
+
+    def good_route(logits, k, *, dialect):
+        calls.append("route")
+        ids, w = ops.route_topk_softmax(logits.astype(F32), k)
+        return ids, w.astype(logits.dtype)
+
+    def good_gate_up(x, ids, w, s, b, *, limit, alpha, dialect, launch=None):
+        calls.append("gate_up")
+        return ops.mxfp4_gate_up_swiglu(x.astype(F32), ids, w, s, b.astype(F32), limit=limit, alpha=alpha)
+
+    def good_down(act, ids, wts, w, s, b, residual=None, *, out_dtype, dialect, launch=None):
+        calls.append("down")
+        r = None if residual is None else residual.astype(F32)
+        return ops.mxfp4_down_combine(act, ids, wts.astype(F32), w, s, b.astype(F32), r, out_dtype=out_dtype)
+
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(gpu, "route_topk_softmax", route or good_route)
+    monkeypatch.setattr(gpu, "mxfp4_gate_up_swiglu", gate_up or good_gate_up)
+    monkeypatch.setattr(gpu, "mxfp4_down_combine", down or good_down)
+    return calls
+
+
+def moe_call(N=1, seed=3):
+    rng = np.random.default_rng(seed)
+    E, K, H, I = 8, 4, 64, 64
+    (gw, gs, gb), gdense, gbias = make_experts(rng, E, 2 * I, H)
+    (dw, ds, db), ddense, dbias = make_experts(rng, E, H, I)
+    x = rng.normal(0, 1, (N, H)).astype(np.float32)
+    ids = choose(rng, "random", N, E, K)
+    w = rng.dirichlet(np.ones(K), N).astype(np.float32)
+    ref = ref_down(ref_gate_up(x.astype(np.float64), ids, gdense, gbias), ids, w.astype(np.float64), ddense, dbias)
+    args = (mx.array(x), mx.array(ids.astype(np.uint32)), mx.array(w), gw, gs, gb, dw, ds, db)
+    return (lambda: kernels.moe_mxfp4_swiglu(*args, limit=LIMIT, alpha=ALPHA)), ref
+
+
+def test_selfcheck_passing_kernels_are_used_and_the_verdict_cached(monkeypatch, recwarn):
+    calls = fake_gpu(monkeypatch)
+    run, ref = moe_call()
+    assert rel_err(run(), ref) < 1e-5
+    assert calls[-2:] == ["gate_up", "down"]  # after the self-check's own launches, the MoE's
+    assert not [w for w in recwarn if "self-check" in str(w.message)]
+    cache = json.loads((Path(os.environ["MLX_GPTOSS_CACHE"]) / selfcheck.CACHE_NAME).read_text())
+    (entry,) = cache.values()
+    assert {k: v["ok"] for k, v in entry["checks"].items()} == {S.ROUTE: True, S.GATE_UP: True, S.DOWN: True}
+    # a new process (here: forgotten verdicts) reads the cache instead of checking again
+    selfcheck.reset()
+    monkeypatch.setattr(selfcheck, "run_checks", lambda d: pytest.fail("checked again despite the cache"))
+    calls.clear()
+    assert rel_err(run(), ref) < 1e-5 and calls == ["gate_up", "down"]
+
+
+def test_selfcheck_mismatch_falls_back_to_twins_with_one_warning(monkeypatch):
+    calls = fake_gpu(monkeypatch)
+    good = gpu.mxfp4_gate_up_swiglu
+    # a plausible bug: right shape and dtype, values 1 % off
+    monkeypatch.setattr(gpu, "mxfp4_gate_up_swiglu", lambda *a, **k: good(*a, **k) * 1.01)
+    run, ref = moe_call()
+    with pytest.warns(RuntimeWarning, match=S.GATE_UP) as rec:
+        y = run()
+        run()
+        kernels.route_topk_softmax(mx.zeros((2, 8)), 4)
+    assert len([w for w in rec if "self-check" in str(w.message)]) == 1
+    msg = str(rec[0].message)
+    assert "doctor --kernels" in msg and S.ROUTE not in msg and "max relative difference" in msg
+    assert rel_err(y, ref) < 1e-5  # the twins' result
+    n = len(calls)
+    run()
+    assert calls[n:] == []  # neither expert kernel runs any more (they work as a pair)
+    kernels.route_topk_softmax(mx.zeros((2, 8)), 4)
+    assert calls[n:] == ["route"]  # the routing kernel passed and stays in use
+
+
+def test_selfcheck_compile_error_falls_back(monkeypatch):
+    def no_compile(*a, **k):
+        raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: use of undeclared identifier 'gx_x'")
+
+    fake_gpu(monkeypatch, route=no_compile)
+    logits = mx.array(np.random.default_rng(0).normal(0, 1, (3, 8)).astype(np.float32))
+    with pytest.warns(RuntimeWarning, match=f"{S.ROUTE}.*Unable to build metal library"):
+        ids, w = kernels.route_topk_softmax(logits, 4)
+    ids_t, w_t = ops.route_topk_softmax(logits, 4)
+    assert mx.array_equal(ids, ids_t) and mx.allclose(w, w_t)
+
+
+def test_selfcheck_of_the_real_metal_launchers_on_this_machine(monkeypatch):
+    """Without a Metal device every real launch fails: all three kernels are reported, in one
+    warning, and the dispatcher still answers correctly through the twins."""
+    if mx.metal.is_available():
+        pytest.skip("a Metal device: the launches would run")
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    run, ref = moe_call(N=2)
+    with pytest.warns(RuntimeWarning) as rec:
+        y = run()
+    (w,) = [w for w in rec if "self-check" in str(w.message)]
+    assert all(n in str(w.message) for n in (S.ROUTE, S.GATE_UP, S.DOWN))
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_doctor_kernels_says_why_kernels_are_not_used_here(tmp_path):
+    env = {**os.environ, "MLX_GPTOSS_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli", "doctor", "--kernels"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"mlx {mx.__version__}" in r.stdout
+    assert "custom kernels: not used here: MLX's default device is the CPU" in r.stdout
+    assert "micro-benchmark" in r.stdout and "T=1: twins" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli", "doctor", "--kernels"], capture_output=True, text=True, timeout=300,
+                       env={**env, "MLX_GPTOSS_KERNELS": "twin"})  # fmt: skip
+    assert "MLX_GPTOSS_KERNELS=twin" in r.stdout, r.stderr
 
 
 # --- the kernel source, as MLX wraps it -----------------------------------------------------

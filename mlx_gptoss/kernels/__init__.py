@@ -7,6 +7,8 @@
   same signatures. On MLX's CPU backend the MXFP4 matmuls run with float32 activations: measured
   on MLX 0.32.4, 1 token x 4 experts of 5760x2880 takes 217 ms with bf16 activations and 23 ms
   with float32 ones (same weights, same result up to bf16 rounding of the activations).
+- A custom kernel that fails its self-check (:mod:`.selfcheck`: first use in a process, cached per
+  MLX version, device and source) is replaced by the twins, with one warning naming it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 
 import mlx.core as mx
 
-from . import gpu, ops
+from . import gpu, ops, selfcheck
+from . import source as _source
 
 # Up to this many tokens the decode kernels run (they read each selected expert's rows once
 # per (token, expert) pair); beyond, sorted gather_qmm reads each expert once. Measured with
@@ -62,7 +65,7 @@ def _on_cpu() -> bool:
 def route_topk_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """Router logits [N, E] -> (expert ids [N, K] uint32, softmax weights over the top k [N, K])."""
     b = backend()
-    if b == "twin":
+    if b == "twin" or _source.ROUTE in selfcheck.failed(b):
         return ops.route_topk_softmax(logits, k)
     return gpu.route_topk_softmax(logits, k, dialect=b)
 
@@ -74,6 +77,9 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
         y = mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
         return y.astype(x.dtype)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+
+
+_EXPERT_KERNELS = frozenset({_source.GATE_UP, _source.DOWN})  # used together: one failing drops both
 
 
 def moe_mxfp4_swiglu(
@@ -94,7 +100,7 @@ def moe_mxfp4_swiglu(
     they cannot take the update; ``gather_qmm`` is the GPU's prefill path already.
     """
     b = backend()
-    if b != "twin" and x.shape[0] <= DECODE_MAX_TOKENS and delta is None:
+    if b != "twin" and x.shape[0] <= DECODE_MAX_TOKENS and delta is None and not _EXPERT_KERNELS & selfcheck.failed(b):
         gw, gs, gb, dw, ds, db = args
         act = gpu.mxfp4_gate_up_swiglu(x, indices, gw, gs, gb, limit=limit, alpha=alpha, dialect=b)
         return gpu.mxfp4_down_combine(act, indices, weights, dw, ds, db, residual, out_dtype=x.dtype, dialect=b)
