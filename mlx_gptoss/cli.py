@@ -66,34 +66,22 @@ def convert(src: str, dst: str, force: bool, layout: str | None, shard_size: str
         if revision is not None and not hub:
             raise ValueError(f"--revision is for a Hugging Face repo id; {src} is a folder")
         if hub:
-            from mlx_gptoss_convert.hub import download, keep_download_default
+            from mlx_gptoss.models import fetch, finish_download
+            from mlx_gptoss_convert.hub import keep_download_default
 
             keep = keep_download_default() if keep_download is None else keep_download  # a bad setting fails first
-            source = download(src, revision=revision)
+            if Path(dst).expanduser().exists() and not force:  # before a download, not after
+                raise ValueError(f"{dst}: already exists (use --force to replace an earlier conversion)")
+            source = fetch(src, Path(dst), revision=revision)
         out = run(source, dst, force=force, layout=layout, shard_bytes=shard_bytes, quantization=quantization,
                   progress=progress)  # fmt: skip
         if hub:
-            _after_download(src, source, out, keep)
+            finish_download(src, source, out, keep)
     except (ConversionError, ValueError) as e:
         raise _Fail(str(e)) from None
     except OSError as e:  # a write that failed (read-only or full disk): the partial output is already removed
         raise _Fail(describe_os_error(e, dst)) from None
     click.echo(f"converted {src} -> {out}", err=True)
-
-
-def _after_download(repo_id: str, snapshot, out, keep: bool) -> None:
-    """Keep (and say what dropping frees) or drop the download, once the converted copy is checked."""
-    from mlx_gptoss.models import verify
-    from mlx_gptoss_convert.hub import KEEP_ENV, download_size, drop_download
-
-    verify(out)
-    if keep:
-        click.echo(f"the download is kept in {snapshot}; dropping it would free {download_size(snapshot) / 1e9:.2f} GB: "
-                   f"`hf cache rm model/{repo_id}` (or --drop-download / {KEEP_ENV}=0)", err=True)  # fmt: skip
-        return
-    freed = drop_download(snapshot)
-    click.echo(f"dropped the download, {freed / 1e9:.2f} GB freed" if freed is not None
-               else f"{snapshot} is not a Hugging Face cache revision: left as it is", err=True)  # fmt: skip
 
 
 def _download_option(f):

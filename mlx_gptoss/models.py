@@ -44,11 +44,21 @@ def convert_once(repo_id: str, dst: Path, *, revision: str | None = None, progre
         offline_hint: ends the error raised when there is no network and no cached copy.
     """
     from mlx_gptoss_convert import convert
-    from mlx_gptoss_convert.destination import SPACE_MARGIN, check_free_space
-    from mlx_gptoss_convert.hub import (KEEP_ENV, OFFLINE_HINT, download, download_size, drop_download, keep_download_default,
-                                        remote_size)  # fmt: skip
+    from mlx_gptoss_convert.hub import keep_download_default
 
     keep = keep_download_default() if keep_download is None else keep_download  # a bad setting fails before any download
+    src = fetch(repo_id, dst, revision=revision, offline_hint=offline_hint)
+    convert(src, dst, progress=progress)
+    finish_download(repo_id, src, dst, keep)
+    return dst
+
+
+def fetch(repo_id: str, dst: Path, *, revision: str | None = None, offline_hint: str | None = None) -> Path:
+    """Download ``repo_id`` to be converted into ``dst``: where and how much said first, free space checked."""
+    from mlx_gptoss_convert.destination import SPACE_MARGIN, check_free_space, destination
+    from mlx_gptoss_convert.hub import OFFLINE_HINT, download, download_size, remote_size
+
+    dst = destination(dst)
     size = remote_size(repo_id, revision)
     need = f"about {_gb(size)} for the download and as much for the converted copy" if size else "about twice the download"
     _say(f"{repo_id} is not converted yet: downloading it into the Hugging Face cache, then converting it once into "
@@ -56,17 +66,21 @@ def convert_once(repo_id: str, dst: Path, *, revision: str | None = None, progre
     if size:
         check_free_space(dst.parent, size + SPACE_MARGIN)
     src = download(repo_id, revision=revision, offline_hint=offline_hint or OFFLINE_HINT)
-    size = download_size(src)
-    check_free_space(dst.parent, size + SPACE_MARGIN)
-    convert(src, dst, progress=progress)
+    check_free_space(dst.parent, download_size(src) + SPACE_MARGIN)
+    return src
+
+
+def finish_download(repo_id: str, src: Path, dst: Path, keep: bool) -> None:
+    """Once the conversion in ``dst`` checks out: keep the download (saying what dropping frees) or drop it."""
+    from mlx_gptoss_convert.hub import KEEP_ENV, download_size, drop_download
+
     verify(dst)
     if keep:
-        _say(f"the download is kept in {src}; dropping it would free {_gb(size)}: `hf cache rm model/{repo_id}` "
-             f"(or --drop-download / {KEEP_ENV}=0 next time)")  # fmt: skip
-    else:
-        freed = drop_download(src)
-        _say(f"dropped the download, {_gb(freed)} freed" if freed is not None else f"{src} is not a Hugging Face cache revision: left as it is")
-    return dst
+        _say(f"the download is kept in {src}; dropping it would free {_gb(download_size(src))}: "
+             f"`hf cache rm model/{repo_id}` (or --drop-download / {KEEP_ENV}=0 next time)")  # fmt: skip
+        return
+    freed = drop_download(src)
+    _say(f"dropped the download, {_gb(freed)} freed" if freed is not None else f"{src} is not a Hugging Face cache revision: left as it is")
 
 
 def verify(path: Path) -> None:

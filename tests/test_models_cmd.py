@@ -81,8 +81,11 @@ def test_repo_id_everywhere_and_the_first_conversion_says_where_and_how_much(env
 def test_convert_a_repo_id_at_a_revision_keeps_the_download_and_says_what_dropping_frees(env, tmp_path):
     r = cli(env, "convert", REPO, str(tmp_path / "out"), "--revision", "main")
     assert r.returncode == 0, r.stderr
+    assert f"converting it once into {tmp_path / 'out'}" in r.stderr
     assert f"the download is kept in {env.snapshot}" in r.stderr and f"hf cache rm model/{REPO}" in r.stderr
     assert env.snapshot.exists()
+    r = cli(env, "convert", REPO, str(tmp_path / "out"))
+    assert r.returncode == 1 and "already exists" in r.stderr and "downloading" not in r.stderr
     r = cli(env, "convert", str(tmp_path / "out"), str(tmp_path / "again"), "--revision", "v2")
     assert r.returncode == 1 and "--revision is for a Hugging Face repo id" in r.stderr
 
