@@ -97,6 +97,9 @@ def read_quantization(raw: Mapping[str, Any], tensors: Mapping[str, TensorInfo],
         for i in range(n_layers):
             path = template.format(i=i)
             got = stored(path)
+            if got is None:
+                raise ValueError(f"{where}: experts {path} are stored dense (float) in mlx-lm's layout, which is not read: "
+                                 "convert the fine-tune's Hugging Face folder (hf-dense) instead")  # fmt: skip
             if got != _MXFP4:
                 raise ValueError(
                     f"{where}: experts {path} are stored {_fmt(got)}; mlx-gptoss runs MXFP4 experts only and will not "

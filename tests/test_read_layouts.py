@@ -274,3 +274,16 @@ def test_quantized_router_streams_under_a_memory_budget(root, tmp_path):
     small = mlx_gptoss.load(out, dtype=mx.float32, memory_budget=budget, context=512)
     assert small.memory_plan.expert_slots == 4
     np.testing.assert_array_equal(np.array(small(IDS)), np.array(base(IDS)))
+
+
+def test_dense_mlxlm_experts_are_refused_by_name(root, tmp_path):
+    from mlx_lm.utils import dequantize_model, load_model, save_config, save_model
+
+    model, config = load_model(root / "release")
+    dequantize_model(model)
+    config.pop("quantization"), config.pop("quantization_config")
+    save_model(tmp_path / "dense", model)
+    save_config(config, tmp_path / "dense" / "config.json")
+    with pytest.raises(ConversionError, match=r"experts model.layers.0.mlp.experts.gate_proj are stored dense \(float\) in mlx-lm's layout"):
+        convert(tmp_path / "dense", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
