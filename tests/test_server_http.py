@@ -461,3 +461,27 @@ def test_real_engine_under_load_completes_or_refuses_every_request(served):
         else:
             assert body["error"]["type"] == "rate_limit_error"
     assert engine.queued == 0
+
+
+def test_serve_command_serves_the_model_by_its_folder_name(vocab_model_dir):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_gptoss.cli", "serve", "-m", str(vocab_model_dir), "--port", str(port),
+                             "--api-key", "k"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        models = client(f"http://127.0.0.1:{port}", "k").models.list()
+        assert [m.id for m in models.data] == [vocab_model_dir.name]  # the folder's name, never its path
+    finally:
+        proc.terminate()
+        proc.wait(20)

@@ -185,9 +185,9 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
             raise APIError(400, f"{param}: {n} exceeds this server's limit of {max_tokens} tokens", param=param)
         return n or default_tokens
 
-    def submit(messages: list, **options: Any):
-        try:
-            return engine.submit(messages, **{k: v for k, v in options.items() if v is not None})
+    async def submit(messages: list, **options: Any):
+        try:  # in a thread: rendering a long conversation takes milliseconds the event loop should not wait
+            return await asyncio.to_thread(engine.submit, messages, **{k: v for k, v in options.items() if v is not None})
         except (ValueError, TypeError) as e:  # a conversation that cannot be rendered, or does not fit
             raise APIError(400, str(e)) from None
         except RuntimeError as e:  # matched by name: the app takes any engine with this contract
@@ -216,7 +216,7 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
         req: ChatRequest = await _parse(request, ChatRequest)
         check_model(req.model)
         n = tokens(req.max_completion_tokens or req.max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
-        job = submit(chat_to_harmony(req), max_tokens=n, temperature=_temp(req.temperature), top_p=req.top_p,
+        job = await submit(chat_to_harmony(req), max_tokens=n, temperature=_temp(req.temperature), top_p=req.top_p,
                      seed=req.seed, stop=[req.stop] if isinstance(req.stop, str) else req.stop)  # fmt: skip
         builder = ChatBuilder(model_id, encoding)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -244,7 +244,7 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
         check_model(req.model)
         n = tokens(req.max_output_tokens, "max_output_tokens")
         items = (store.get(req.previous_response_id) if req.previous_response_id else []) + responses_items(req)
-        job = submit(responses_to_harmony(req, items), max_tokens=n, temperature=_temp(req.temperature), top_p=req.top_p)
+        job = await submit(responses_to_harmony(req, items), max_tokens=n, temperature=_temp(req.temperature), top_p=req.top_p)
         builder = ResponseBuilder(req, model_id, encoding)
 
         def keep() -> None:
