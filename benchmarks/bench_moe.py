@@ -110,6 +110,12 @@ def device_name() -> str:
 
 
 PEAK_GBPS = {"H100": 3350.0, "H200": 4800.0}  # spec sheet (SXM); M-series: pass --peak-gbps
+# Launch shapes (WARPS, JW) tried by --sweep, per dialect: around each default of gpu.LAUNCH. Metal
+# keeps JW <= 4 (register budget, see gpu.py) and tries more SIMD groups per threadgroup.
+SWEEP = {
+    "cuda": [(4, 4), (8, 4), (4, 2), (2, 4), (8, 2), (4, 8), (2, 2), (8, 1)],
+    "metal": [(8, 2), (4, 2), (16, 2), (8, 1), (16, 1), (4, 4), (8, 4), (2, 2)],
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         routes = [mx.array(np.stack([rng.choice(E, K, replace=False)]).astype(np.uint32)) for _ in range(7)]
         wts = mx.array(np.full((1, K), 0.25, np.float32)).astype(mx.bfloat16)
         act = mx.zeros((1, K, I), mx.float32)
-        for launch in [(4, 4), (8, 4), (4, 2), (2, 4), (8, 2), (4, 8), (2, 2), (8, 1)]:
+        for launch in SWEEP[backend]:
             def gate_up(layer, r, launch=launch):
                 g = layer.gate_up
                 return gpu.mxfp4_gate_up_swiglu(x, r, g.weight, g.scales, g.bias, limit=7.0, alpha=1.702, dialect=backend, launch=launch)
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
 
     res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name, "backend": backend,
            "mlx": mx.__version__, "peak_gbps": peak, "decode_max_tokens": kernels.DECODE_MAX_TOKENS,
-           "launch": {"gate_up": gpu.GATE_UP_LAUNCH, "down": gpu.DOWN_LAUNCH}, "rows": rows, "sweep": sweep,
+           "launch": gpu.LAUNCH.get(backend), "rows": rows, "sweep": sweep,
            "command": "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])}  # fmt: skip
     print(markdown(res))
     if args.json:

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -641,3 +642,32 @@ def test_simulator_under_thread_sanitizer(tmp_path):
     logits = bf16(np.random.default_rng(0).normal(0, 2, (3, 32)))
     r, res = run_metal_sim(tmp_path, S.ROUTE, [(logits, "bfloat16")], [((3, K), "uint32"), ((3, K), "bfloat16")], k=K, flags=flags, env=env)
     assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
+
+
+# --- the GPU session script and the launch-shape sweep ---------------------------------------
+
+ROOT = HERE.parent
+
+
+def test_gpu_run_script_needs_no_gnu_timeout(tmp_path):
+    """Stock macOS has no `timeout`: the script's own run_for limits a command (exit 124, like GNU
+    timeout) and passes a finished command's exit status through."""
+    script = ROOT / "benchmarks" / "gpu_run.sh"
+    assert not re.search(r"^\s*(env \S+ )?timeout ", script.read_text(), re.M)
+    code = f'GX_SOURCE_ONLY=1; . "{script}"; run_for 1 sleep 30; echo "a=$?"; run_for 30 sh -c "exit 3"; echo "b=$?"'
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no coreutils `timeout` needed, none used
+    t = time.perf_counter()
+    r = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=60, env=bare)
+    assert "a=124" in r.stdout and "b=3" in r.stdout, (r.stdout, r.stderr)
+    assert time.perf_counter() - t < 20
+
+
+def test_launch_sweep_covers_both_dialects_and_their_defaults():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_moe import SWEEP
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for dialect in ("metal", "cuda"):
+        assert gpu.launch_shape(dialect, "gate_up") in SWEEP[dialect] and gpu.launch_shape(dialect, "down") in SWEEP[dialect]
+        assert all(32 * w <= 1024 for w, _ in SWEEP[dialect])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mlx_gptoss import kernels
-from mlx_gptoss.kernels import gpu, ops
+from mlx_gptoss.kernels import gpu, ops, selfcheck
 
 DRY = os.environ.get("GX_DRYRUN") == "1"
 BACKEND = kernels.backend()
@@ -134,6 +134,15 @@ def test_route_kernel_matches_twin(N, n_experts):
     wa = np.take_along_axis(np.array(w), order_a, 1)
     wb = np.take_along_axis(np.array(w_t), order_b, 1)
     assert np.abs(wa - wb).max() < 1e-5
+
+
+@pytest.mark.skipif(DRY, reason="checks the real kernels")
+def test_selfcheck_passes_on_this_gpu():
+    """The dispatcher's own self-check (1 and 3 tokens: `constant` and `device` routing buffers on
+    Metal) passes, so the kernels are in use here; its report names each kernel."""
+    checks = selfcheck.run_checks(BACKEND)
+    print("\n".join(f"{c.kernel}: {c.ok} {c.detail}" for c in checks))
+    assert all(c.ok for c in checks), checks
 
 
 def test_full_model_logits_kernels_vs_twins(tmp_path):
