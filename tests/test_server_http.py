@@ -226,6 +226,23 @@ def _error(r: httpx.Response, status: int, *words: str) -> dict:
     return err
 
 
+def test_arguments_completed_without_deltas_still_reach_the_client():
+    call = ToolCall("call_1", "get_weather", "functions.get_weather", '{"city": "Rome"}', {"city": "Rome"})
+    engine = FakeEngine([ToolCallStarted("call_1", "get_weather"), ToolCallCompleted(call)], finish="tool_calls")
+    with running(create_app(engine, model_id=MODEL, max_tokens=10)) as url:
+        c = client(url)
+        for stream in (False, True):
+            if stream:
+                chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True))
+                args = "".join(t.function.arguments or "" for ch in chunks for t in ch.choices[0].delta.tool_calls or [])
+            else:
+                args = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}]).choices[0].message.tool_calls[0].function.arguments
+            assert args == '{"city": "Rome"}'
+        events = list(c.responses.create(model=MODEL, input="x", stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == '{"city": "Rome"}'
+        assert events[-1].response.output[0].arguments == '{"city": "Rome"}'
+
+
 def test_bad_requests_get_clear_openai_errors():
     engine = FakeEngine(ANSWER)
     with running(create_app(engine, model_id=MODEL, api_key="sekret", max_tokens=100, max_body_bytes=1 << 20)) as url:

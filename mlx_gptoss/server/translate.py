@@ -175,6 +175,9 @@ class ChatBuilder:
             i = self._index[ev.call_id]
             self.calls[i]["function"]["arguments"] += ev.text
             return [self._chunk({"tool_calls": [{"index": i, "function": {"arguments": ev.text}}]})]
+        if isinstance(ev, ToolCallCompleted) and ev.call.id in self._index:
+            rest = _unsent(self.calls[self._index[ev.call.id]]["function"]["arguments"], ev.call.raw_arguments)
+            return self.add(ToolCallDelta(ev.call.id, rest)) if rest else []
         return []
 
     def finish_reason(self, reply) -> str:
@@ -307,6 +310,9 @@ class ResponseBuilder:
             self._calls[ev.call_id]["arguments"] += ev.text
             events.append(self._event("response.function_call_arguments.delta", **self._where(), delta=ev.text))
         elif isinstance(ev, ToolCallCompleted):
+            rest = _unsent(self._calls[ev.call.id]["arguments"], ev.call.raw_arguments) if ev.call.id in self._calls else ""
+            if rest:
+                events += self.add(ToolCallDelta(ev.call.id, rest))
             events += self._close()
         return events
 
@@ -332,6 +338,11 @@ class ResponseBuilder:
         self.response["error"] = {"code": "server_error", "message": message}
         return self._event("response.failed", response=self._snapshot())
 
+
+
+def _unsent(sent: str, complete: str) -> str:
+    """What of a call's arguments the parser completed without streaming it (the tail)."""
+    return complete[len(sent):] if complete.startswith(sent) else ""
 
 
 def sse(events: Iterable[dict], named: bool) -> str:
