@@ -285,3 +285,25 @@ def test_aevents_never_blocks_the_event_loop(model, engine):
     assert "".join(e.text for e in events if isinstance(e, FinalDelta)) == "done"
     gen_time = 0.01 * events[-1].reply.stats.generation_tokens
     assert len(ticks) > 10 and max(np.diff(ticks)) < gen_time / 2  # the loop kept running during generation
+
+
+def test_engine_made_in_another_thread_than_the_lazy_model_says_where_to_make_it(vocab_model_dir):
+    lazy = mlx_gptoss.load(vocab_model_dir, dtype=mx.float32)  # weights not read yet, built in this thread
+    out = {}
+
+    def make():
+        try:
+            Engine(lazy).close()
+        except RuntimeError as e:
+            out["error"] = str(e)
+
+    t = threading.Thread(target=make)
+    t.start()
+    t.join(60)
+    assert "create the Engine in the thread that loaded the model" in out.get("error", "")
+    engine = Engine(lazy, cache_bytes=0)  # here it works
+    try:
+        _, r = run(engine.submit(start() + [user("Hi")], sampler=Script(lazy.tokenizer, THINK_ANSWER.format("a", "b")), max_tokens=20))
+        assert r.final == "b"
+    finally:
+        engine.close()

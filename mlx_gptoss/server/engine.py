@@ -27,6 +27,16 @@ from ..kvreuse import DEFAULT_CACHE_BYTES, KVState, PromptCache
 DEFAULT_MAX_QUEUE = 16
 
 
+def default_cache_bytes(model) -> int:
+    """The prompt cache's default bound: 4 GiB, or the KV cache a memory plan reserved."""
+    plan = getattr(model, "memory_plan", None)
+    if plan is None:
+        return DEFAULT_CACHE_BYTES
+    from ..memory import kv_cache_bytes
+
+    return kv_cache_bytes(model.config, plan.context)
+
+
 class QueueFull(RuntimeError):
     """The engine's queue is at its bound: retry later (HTTP 429)."""
 
@@ -137,20 +147,28 @@ class Engine:
         model: a loaded model (``mlx_gptoss.load``).
         max_queue: jobs that may wait (besides the one running); :meth:`submit` raises
             :class:`QueueFull` beyond it.
-        cache_bytes: memory the prompt cache may hold (KV states of finished requests).
+        cache_bytes: memory the prompt cache may hold (KV states of finished requests); default
+            4 GiB, or for a model loaded under a memory budget the KV cache its plan reserved
+            (one more full context: the budget did not count more).
         context_policy, context: as :class:`~mlx_gptoss.chat.ChatSession` ("error" by default:
             a conversation that does not fit is refused, not silently shortened).
         defaults: default options for every job (max_tokens, temperature, top_p, ...).
     """
 
-    def __init__(self, model, *, max_queue: int = DEFAULT_MAX_QUEUE, cache_bytes: int = DEFAULT_CACHE_BYTES,
+    def __init__(self, model, *, max_queue: int = DEFAULT_MAX_QUEUE, cache_bytes: int | None = None,
                  context_policy: str = "error", context: int | None = None, **defaults: Any):  # fmt: skip
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1; got {max_queue!r}")
         self.model = model
-        self.cache = PromptCache(cache_bytes)
-        # built here, in the caller's thread: the session reads every weight at creation
-        self.session = ChatSession(model, context_policy=context_policy, context=context, **defaults)
+        self.cache = PromptCache(default_cache_bytes(model) if cache_bytes is None else cache_bytes)
+        try:
+            # built here, in the caller's thread: the session reads every weight at creation
+            self.session = ChatSession(model, context_policy=context_policy, context=context, **defaults)
+        except RuntimeError as e:
+            if "Stream" not in str(e):
+                raise
+            raise RuntimeError(f"create the Engine in the thread that loaded the model (MLX evaluates a lazy array only "
+                               f"in the thread that built it): {e}") from None  # fmt: skip
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
         self._closed = False
