@@ -23,10 +23,6 @@ _DEFAULT_KEYS = ("group_size", "bits", "mode")
 _MXFP4 = ("mxfp4", 4, 32)
 
 
-class _Missing:
-    pass
-
-
 def _stored(path: str, entry: Any, defaults: Mapping[str, Any], tensors: Mapping[str, TensorInfo], where: str) -> tuple | None:
     """(mode, bits, group_size) of the module at ``path`` as stored, or None when it is a float module."""
     has_scales = f"{path}.scales" in tensors
@@ -79,9 +75,13 @@ def read_quantization(raw: Mapping[str, Any], tensors: Mapping[str, TensorInfo],
         n_layers: num_hidden_layers.
         where: the config file, for messages.
     """
-    q = raw.get("quantization", raw.get("quantization_config"))
+    q = raw.get("quantization")
     if q is None:
-        q = {}
+        q = raw.get("quantization_config") or {}
+        if isinstance(q, Mapping) and "quant_method" in q:  # the release's form, as mlx-lm's loader reads it
+            if q["quant_method"] != "mxfp4":
+                raise ValueError(f"{where}: quantization_config.quant_method {q['quant_method']!r} is not read (only mxfp4)")
+            q = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
     if not isinstance(q, Mapping):
         raise ValueError(f"{where}: quantization must be an object, found {type(q).__name__}")
     entries = {k.removeprefix(PREFIX): v for k, v in q.items() if k not in _DEFAULT_KEYS}
@@ -91,7 +91,7 @@ def read_quantization(raw: Mapping[str, Any], tensors: Mapping[str, TensorInfo],
             raise ValueError(f"{where}: quantization.{path} must be an object or true/false, found {v!r}")
 
     def stored(path: str):
-        return _stored(path, entries.get(path, _Missing()), defaults, tensors, where)
+        return _stored(path, entries.get(path), defaults, tensors, where)  # None: no entry
 
     for template in MLXLM_EXPERTS:
         for i in range(n_layers):
