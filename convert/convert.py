@@ -119,7 +119,8 @@ def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
         elif op == INTERLEAVE:
             E, n2, *rest = shape
             want_shape = (E, n2 // 2, *rest)
-            if any(x.shape != want_shape or x.dtype != src.dtype for x in infos) or src.dtype != kind and (kind != "float" or src.dtype not in FLOATS):
+            dtype_ok = src.dtype in FLOATS if kind == "float" else src.dtype == kind
+            if not dtype_ok or any(x.shape != want_shape or x.dtype != src.dtype for x in infos):
                 bad = next((x for x in infos if x.shape != want_shape or x.dtype != src.dtype), src)
                 raise _mismatch(release, bad, ours, f"{kind} {list(want_shape)} (each half of the interleaved rows)")
             out.append(Planned(ours, src.dtype, shape, op, infos))
