@@ -115,7 +115,8 @@ class FuseReport:
 
     ``update_lost``: the worst merged tensor's ‖stored(W + ΔW) − (W + ΔW)‖ / ‖ΔW‖ (bf16 rounding or
     re-quantization), named by ``worst_tensor``. ``kl_mean``/``kl_max``: KL(unfused ‖ fused) of the
-    next-token distributions over ``check_tokens`` random tokens (float32; None when not checked).
+    next-token distributions over ``check_tokens`` random tokens (float32; None when not checked);
+    ``kl_adapter_mean``: KL(unfused ‖ base), the adapter's own effect on the same tokens, for scale.
     """
 
     out: Path
@@ -124,6 +125,7 @@ class FuseReport:
     worst_tensor: str | None = None
     kl_mean: float | None = None
     kl_max: float | None = None
+    kl_adapter_mean: float | None = None
     check_tokens: int = 0
 
     def summary(self) -> str:
@@ -131,12 +133,14 @@ class FuseReport:
         if self.worst_tensor is not None:
             lines.append(f"update lost to the stored precision: {self.update_lost:.3%} (worst: {self.worst_tensor})")
         if self.kl_mean is not None:
-            lines.append(f"KL(unfused || fused) over {self.check_tokens} random tokens: mean {self.kl_mean:.3e}, max {self.kl_max:.3e} nats")
+            lines.append(f"KL(unfused || fused) over {self.check_tokens} random tokens: mean {self.kl_mean:.3e}, max {self.kl_max:.3e} nats "
+                         f"(the adapter's own effect, KL(unfused || base): mean {self.kl_adapter_mean:.3e})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {"merged": self.merged, "update_lost": self.update_lost, "worst_tensor": self.worst_tensor,
-                "kl_mean": self.kl_mean, "kl_max": self.kl_max, "check_tokens": self.check_tokens}  # fmt: skip
+                "kl_mean": self.kl_mean, "kl_max": self.kl_max, "kl_adapter_mean": self.kl_adapter_mean,
+                "check_tokens": self.check_tokens}  # fmt: skip
 
 
 def fuse(
@@ -205,9 +209,11 @@ def fuse(
             try:
                 _write_shards(tmp, infos, modules, dtype, report)
                 _write_metadata(src, tmp, adapter_dir, spec, infos)
-                if check_tokens:
-                    _kl_check(model, tmp, check_tokens, seed, report)
-                del model
+                ref = _reference(model, check_tokens, seed, report) if check_tokens else None
+                del model, modules  # the fused model loads next: never both in memory
+                mx.clear_cache()
+                if ref is not None:
+                    _kl_check(tmp, *ref, report)
                 (tmp / FUSE_RECORD).write_text(json.dumps({"adapter": str(adapter_dir), "base": str(src),
                                                            "spec": spec.to_dict(), "report": report.to_dict()}, indent=2) + "\n")  # fmt: skip
                 for f in tmp.iterdir():
@@ -325,16 +331,28 @@ def _write_metadata(src: Path, tmp: Path, adapter_dir: Path, spec: LoRASpec, inf
             shutil.copy2(src / name, tmp / name)
 
 
-def _kl_check(unfused: Any, fused_dir: Path, n: int, seed: int, report: FuseReport) -> None:
-    """KL(unfused ‖ fused) of next-token distributions on n random tokens, float32."""
-    from mlx_gptoss.loader import load
+def _reference(unfused: Any, n: int, seed: int, report: FuseReport) -> tuple[mx.array, mx.array]:
+    """n random token ids [1, n] and the unfused model's next-token log-probabilities on them; the
+    adapter's own effect, KL(unfused ‖ base), goes into the report for scale (adapters removed after)."""
+    from .adapters import remove_lora
 
     ids = mx.array(np.random.default_rng(seed).integers(0, unfused.config.vocab_size, (1, n)))
     ref = _log_softmax(unfused(ids))
     mx.eval(ref)
-    fused = load(fused_dir, dtype=mx.float32)
-    got = _log_softmax(fused(ids))
-    kl = (mx.exp(ref) * (ref - got)).sum(axis=-1)
+    remove_lora(unfused)
+    report.kl_adapter_mean = mx.mean(_kl(ref, _log_softmax(unfused(ids)))).item()
+    return ids, ref
+
+
+def _kl(ref: mx.array, got: mx.array) -> mx.array:
+    return (mx.exp(ref) * (ref - got)).sum(axis=-1)
+
+
+def _kl_check(fused_dir: Path, ids: mx.array, ref: mx.array, report: FuseReport) -> None:
+    """KL(unfused ‖ fused) of the next-token distributions on ``ids``, float32."""
+    from mlx_gptoss.loader import load
+
+    kl = _kl(ref, _log_softmax(load(fused_dir, dtype=mx.float32)(ids)))
     report.kl_mean, report.kl_max = mx.mean(kl).item(), mx.max(kl).item()
 
 
