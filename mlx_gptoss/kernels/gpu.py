@@ -18,16 +18,18 @@ from . import source as S
 # CUDA: chosen by benchmarks/bench_moe.py --sweep on an H100 (2026-11-27, benchmarks/results/): at
 # T = 1 gate_up took 26.9-29.0 us for every shape but (4, 8) (72.8 us), down 21.4 us at (4, 4)
 # against 26.6-37.2 us for the others.
-# Metal: not measured yet (no Mac here). A lane holds its group of x (32 floats), 2*JW gate_up
-# accumulators (JW down ones, plus JW partial sums) and one row's codes in flight, plus addressing:
-# JW = 2 stays near 50 32-bit registers, under the 64 at which Apple GPUs start to trade occupancy
-# for registers (JW = 4 came to ~127 registers on the H100, at Apple's per-thread ceiling). Each
-# threadgroup holds one token's x (H or I floats, 11.25 KB for the 20b) in threadgroup memory, so a
-# core keeps few groups resident; 8 SIMD groups per group keep more warps in flight per group.
+# Metal: not measured yet (no Mac here); chosen to fit 64 32-bit registers per thread, where Apple
+# GPUs start trading occupancy for registers. nvcc is the proxy: capped at 64 registers
+# (-maxrregcount=64, sm_90a) gate_up and down compile without spills up to JW = 4 and need 80-96
+# registers at JW = 8 (before x was loaded once per group and offsets were 32-bit, gate_up at
+# JW = 4 took 127, at Apple's ceiling). gate_up takes JW = 4 with 8 SIMD groups: each threadgroup
+# fills x (H floats) into threadgroup memory, so fewer, wider groups refill it less often. down
+# keeps JW = 2: at one token it has only H / (WARPS * JW) threadgroups (180 for the 20b), and
+# halving that would leave a large M-series GPU with about two per core.
 # Re-measure with `bench_moe.py --sweep` on a Mac before trusting these.
 LAUNCH = {
     "cuda": {"gate_up": (4, 4), "down": (4, 4)},
-    "metal": {"gate_up": (8, 2), "down": (8, 2)},
+    "metal": {"gate_up": (8, 4), "down": (8, 2)},
 }
 
 
