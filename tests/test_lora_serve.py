@@ -173,6 +173,18 @@ def test_fuse_of_quantized_attention_requantizes_and_reports_kl(releases, tmp_pa
     assert mx.abs(fused(IDS) - unfused(IDS)).mean().item() < base_err / 4
 
 
+def test_fuse_of_a_small_update_into_8bit_never_adds_error_beyond_it(releases, tmp_path):
+    # an update below half a code step: re-quantizing from scratch re-rounds all of W (more error
+    # than the update itself); codes on the base's own grid round the update only
+    base = convert(releases["hf"], tmp_path / "q8", quantization={"attention": QuantSpec("affine", 8, 64)})
+    _, ad = make_adapter(base, tmp_path / "ad", ("attention",), std=0.003)
+    report = fuse(base, ad, tmp_path / "fused", check_tokens=0, verbose=False)
+    assert 0 < report.update_lost <= 1.0 + 1e-4 and report.kl_mean is None  # 24x the update when W was re-rounded
+    src, out = mlx_gptoss.load(base, dtype=mx.float32), mlx_gptoss.load(tmp_path / "fused", dtype=mx.float32)
+    a, b = src.layers[0].self_attn.qkv, out.layers[0].self_attn.qkv
+    assert mx.array_equal(a.scales, b.scales) and mx.array_equal(a.biases, b.biases)  # the grid is kept
+
+
 def test_fuse_refuses_expert_adapters_and_says_what_mxfp4_would_lose(tiny_model_dir, with_experts, tmp_path):
     with pytest.raises(FuseError, match=r"into MXFP4 would lose \d+\.\d% of the update \(\d+\.\d% even keeping the base's scales") as e:
         fuse(tiny_model_dir, with_experts[1], tmp_path / "fused")

@@ -269,11 +269,27 @@ def _merge(module: Any, prefix: str, st_dtypes: dict[str, str]) -> tuple[dict[st
         # quantized at the scales' stored precision, as the converter does, so the scales are exact
         scale_dtype = _MX[st_dtypes[f"{prefix}.scales"]]
         parts = mx.quantize(merged.astype(scale_dtype if mx.issubdtype(scale_dtype, mx.floating) else mx.float32), **q)
-        tensors = dict(zip([f"{prefix}.{k}" for k in ("weight", "scales", "biases")], parts))
         back = mx.dequantize(*parts, **q).astype(mx.float32)
+        if spec.mode == "affine" and 32 % spec.bits == 0:
+            # new codes on the base's own grid: only the update is rounded, W's codes stay exact; the
+            # fresh quantization above re-rounds all of W and can add more error than the update holds
+            grid = (_codes_on_grid(merged, base.scales, base.biases, spec), base.scales, base.biases)
+            grid_back = mx.dequantize(*grid, **q).astype(mx.float32)
+            if mx.linalg.norm((grid_back - merged).flatten()).item() <= mx.linalg.norm((back - merged).flatten()).item():
+                parts, back = grid, grid_back
+        tensors = dict(zip([f"{prefix}.{k}" for k in ("weight", "scales", "biases")], parts))
     lost = mx.linalg.norm((back - merged).flatten()) / mx.maximum(mx.linalg.norm(delta.flatten()), 1e-30)
     mx.eval(tensors, lost)
     return tensors, lost.item()
+
+
+def _codes_on_grid(w: mx.array, scales: mx.array, biases: mx.array, spec: Any) -> mx.array:
+    """w [out, in] as affine codes on the given scales and biases, packed as ``mx.quantize`` packs them."""
+    g, per = spec.group_size, 32 // spec.bits
+    s, b = (mx.repeat(t.astype(mx.float32), g, axis=-1) for t in (scales, biases))
+    codes = mx.clip(mx.round((w - b) / s), 0, 2**spec.bits - 1).astype(mx.uint32)
+    shifts = mx.arange(per, dtype=mx.uint32) * spec.bits  # element j of a word sits at bit j·bits
+    return (codes.reshape(w.shape[0], -1, per) << shifts).sum(axis=-1).astype(mx.uint32)
 
 
 def _as_numpy(a: mx.array, st_dtype: str) -> np.ndarray:
