@@ -174,6 +174,14 @@ def test_responses_streamed_and_not_parse_with_the_sdk():
         assert roles == [("system", None), ("user", None), ("assistant", "final"), ("user", None)]
 
 
+def test_an_answer_cut_by_max_output_tokens_is_marked_incomplete():
+    # OpenAI marks the response and its last item "incomplete"; clients read either
+    with running(create_app(FakeEngine(ANSWER, finish="length"), model_id=MODEL, max_tokens=100)) as url:
+        r = client(url).responses.create(model=MODEL, input="Hi", max_output_tokens=5)
+        assert (r.status, r.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+        assert [o.status for o in r.output] == ["completed", "incomplete"]
+
+
 def test_tool_round_trip_both_apis():
     engine = FakeEngine(tool_events(), finish="tool_calls")
     with running(create_app(engine, model_id=MODEL, max_tokens=100)) as url:

@@ -262,7 +262,7 @@ class ResponseBuilder:
             events.append(self._event("response.content_part.added", **self._where(), content_index=0, part=dict(part)))
         return events
 
-    def _close(self) -> list[dict]:
+    def _close(self, status: str = "completed") -> list[dict]:
         item, kind, events = self.open, self._kind, []
         if item is None:
             return events
@@ -279,7 +279,7 @@ class ResponseBuilder:
         else:
             events.append(self._event("response.function_call_arguments.done", **where, arguments=item["arguments"],
                                       name=item["name"]))  # fmt: skip
-        item["status"] = "completed"
+        item["status"] = status  # "incomplete": cut off by max_output_tokens, as OpenAI marks it
         events.append(self._event("response.output_item.done", **where, item=json.loads(json.dumps(item))))
         return events
 
@@ -317,7 +317,7 @@ class ResponseBuilder:
         return events
 
     def finish(self, reply) -> list[dict]:
-        events = self._close()
+        events = self._close("incomplete" if reply.finish_reason == "length" else "completed")
         st = reply.stats
         self.response["usage"] = {
             "input_tokens": st.prompt_tokens, "input_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefill_tokens},
