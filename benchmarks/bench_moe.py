@@ -202,7 +202,23 @@ def main(argv: list[str] | None = None) -> None:
                     sweep.append({"kernel": which, "warps": launch[0], "per_warp": launch[1], "error": repr(e)})
                 print(json.dumps(sweep[-1]), flush=True)
 
-    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name, "backend": backend,
+    router = []
+    if args.sweep and backend != "twin":  # the router folded into the routing kernel (kernels.FUSED_ROUTER), T = 1 and 4
+        from mlx_gptoss.kernels import ops
+
+        for T in (1, 4):
+            xs = [mx.array(rng.normal(0, 1, (T, H)).astype(np.float32)).astype(mx.bfloat16) for _ in range(7)]
+            unfused = lambda layer, x: gpu.route_topk_softmax(layer.router(x), K, dialect=backend)  # noqa: E731
+            fused = lambda layer, x: gpu.route_matvec_topk(x, layer.router.weight, layer.router.bias, K, dialect=backend)  # noqa: E731
+            twin = lambda layer, x: ops.route_matvec_topk(x, layer.router.weight, layer.router.bias, K)  # noqa: E731
+            for which, fn in (("router + route kernel", unfused), ("fused route_matvec", fused), ("twin", twin)):
+                try:
+                    router.append({"T": T, "variant": which, "us": time_calls(fn, layers, xs, args.reps)[1] * 1e6})
+                except Exception as e:  # noqa: BLE001
+                    router.append({"T": T, "variant": which, "error": repr(e)})
+                print(json.dumps(router[-1]), flush=True)
+
+    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": name, "backend": backend, "router": router,
            "mlx": mx.__version__, "peak_gbps": peak, "decode_max_tokens": kernels.DECODE_MAX_TOKENS,
            "launch": gpu.LAUNCH.get(backend), "rows": rows, "sweep": sweep,
            "command": "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])}  # fmt: skip

@@ -200,6 +200,10 @@ def fake_gpu(monkeypatch, *, route=None, gate_up=None, down=None, calls=None):
         ids, w = ops.route_topk_softmax(logits.astype(F32), k)
         return ids, w.astype(logits.dtype)
 
+    def good_route_matvec(x, w, b, k, *, dialect, warps=None):
+        calls.append("route_matvec")
+        return ops.route_matvec_topk(x, w, b, k)
+
     def good_gate_up(x, ids, w, s, b, *, limit, alpha, dialect, launch=None):
         calls.append("gate_up")
         return ops.mxfp4_gate_up_swiglu(x.astype(F32), ids, w, s, b.astype(F32), limit=limit, alpha=alpha)
@@ -211,6 +215,7 @@ def fake_gpu(monkeypatch, *, route=None, gate_up=None, down=None, calls=None):
 
     monkeypatch.setattr(kernels, "backend", lambda: "metal")
     monkeypatch.setattr(gpu, "route_topk_softmax", route or good_route)
+    monkeypatch.setattr(gpu, "route_matvec_topk", good_route_matvec)
     monkeypatch.setattr(gpu, "mxfp4_gate_up_swiglu", gate_up or good_gate_up)
     monkeypatch.setattr(gpu, "mxfp4_down_combine", down or good_down)
     return calls
@@ -237,7 +242,7 @@ def test_selfcheck_passing_kernels_are_used_and_the_verdict_cached(monkeypatch, 
     assert not [w for w in recwarn if "self-check" in str(w.message)]
     cache = json.loads((Path(os.environ["MLX_GPTOSS_CACHE"]) / selfcheck.CACHE_NAME).read_text())
     (entry,) = cache.values()
-    assert {k: v["ok"] for k, v in entry["checks"].items()} == {S.ROUTE: True, S.GATE_UP: True, S.DOWN: True}
+    assert {k: v["ok"] for k, v in entry["checks"].items()} == {name: True for name in S.SPECS}
     # a new process (here: forgotten verdicts) reads the cache instead of checking again
     selfcheck.reset()
     monkeypatch.setattr(selfcheck, "run_checks", lambda d: pytest.fail("checked again despite the cache"))
@@ -288,7 +293,7 @@ def test_selfcheck_of_the_real_metal_launchers_on_this_machine(monkeypatch):
     with pytest.warns(RuntimeWarning) as rec:
         y = run()
     (w,) = [w for w in rec if "self-check" in str(w.message)]
-    assert all(n in str(w.message) for n in (S.ROUTE, S.GATE_UP, S.DOWN))
+    assert all(n in str(w.message) for n in S.SPECS)
     assert rel_err(y, ref) < 1e-5
 
 
@@ -324,6 +329,8 @@ def launchers(name, **kw):
     """The dispatcher's launcher for kernel ``name`` as a function of its input arrays only."""
     if name == S.ROUTE:
         return lambda logits: gpu.route_topk_softmax(logits, kw["k"], dialect=kw.get("dialect", "metal"))
+    if name == S.ROUTE_MATVEC:
+        return lambda x, w, b: gpu.route_matvec_topk(x, w, b, kw["k"], dialect=kw.get("dialect", "metal"), warps=kw.get("warps"))
     if name == S.GATE_UP:
         return lambda *a: gpu.mxfp4_gate_up_swiglu(*a, limit=LIMIT, alpha=ALPHA, dialect=kw.get("dialect", "metal"), launch=kw.get("launch"))
     return lambda *a: gpu.mxfp4_down_combine(*a[:6], a[6] if kw.get("has_res") else None, out_dtype=kw["out_dtype"],
@@ -344,6 +351,8 @@ def real_inputs(name, N, E=2, K=4, H=2880, I=2880):
     z = np.zeros
     if name == S.ROUTE:
         return [(z((N, 32)), "bfloat16")]
+    if name == S.ROUTE_MATVEC:
+        return [(z((N, H)), "bfloat16"), (z((32, H)), "bfloat16"), (z((32,)), "bfloat16")]
     if name == S.GATE_UP:
         return [(z((N, H)), "bfloat16"), (z((N, K)), "uint32"), (z((E, 2 * I, H // 8)), "uint32"), (z((E, 2 * I, H // 32)), "uint8"),
                 (z((E, 2 * I)), "bfloat16")]  # fmt: skip
@@ -351,9 +360,10 @@ def real_inputs(name, N, E=2, K=4, H=2880, I=2880):
             (z((E, H, I // 32)), "uint8"), (z((E, H)), "bfloat16"), (z((N, H)), "bfloat16")]  # fmt: skip
 
 
-REAL_KW = {S.ROUTE: {"k": 4}, S.GATE_UP: {}, S.DOWN: {"has_res": True, "out_dtype": mx.bfloat16}}
+REAL_KW = {S.ROUTE: {"k": 4}, S.ROUTE_MATVEC: {"k": 4}, S.GATE_UP: {}, S.DOWN: {"has_res": True, "out_dtype": mx.bfloat16}}
 REAL_TEMPLATE = {  # gpt-oss-20b sizes, the template gpu.py passes (for the CUDA rendering, which MLX only builds on CUDA)
     S.ROUTE: (["bfloat16"], ["uint32", "bfloat16"], {"E": 32, "K": 4, "OutT": "bfloat16"}),
+    S.ROUTE_MATVEC: (["bfloat16"] * 3, ["uint32", "bfloat16"], {"E": 32, "K": 4, "H": 2880, "WARPS": gpu.ROUTE_MATVEC_WARPS, "OutT": "bfloat16"}),
     S.GATE_UP: (["bfloat16", "uint32", "uint32", "uint8", "bfloat16"], ["float32"], {"H": 2880, "I": 2880, "K": 4}),
     S.DOWN: (["float32", "uint32", "bfloat16", "uint32", "uint8", "bfloat16", "bfloat16"], ["bfloat16"], {"H": 2880, "I": 2880, "K": 4}),
 }
@@ -361,7 +371,7 @@ REAL_TEMPLATE = {  # gpt-oss-20b sizes, the template gpu.py passes (for the CUDA
 
 def cuda_template(name, launch):
     ins, outs, tmpl = REAL_TEMPLATE[name]
-    if name == S.ROUTE:
+    if name in (S.ROUTE, S.ROUTE_MATVEC):
         return ins, outs, tmpl
     tmpl = {**tmpl, "JW": launch[1], "WARPS": launch[0]}
     return ins, outs, tmpl if name == S.GATE_UP else {**tmpl, "HAS_RES": True, "OutT": "bfloat16"}
@@ -375,11 +385,11 @@ def test_generated_source_is_mlx_source(name, N):
     arrays = real_inputs(name, N, H=64, I=64)
     launch = capture(name, arrays, **REAL_KW[name])
     tmpl = re.search(r"decltype\(\w+<(.*)>\)", launch.source).group(1).split(", ")
-    names = list(REAL_TEMPLATE[name][2]) + (["JW", "WARPS"] if name != S.ROUTE else []) + (["HAS_RES", "OutT"] if name == S.DOWN else [])
+    names = list(REAL_TEMPLATE[name][2]) + (["JW", "WARPS"] if name in (S.GATE_UP, S.DOWN) else []) + (["HAS_RES", "OutT"] if name == S.DOWN else [])
     values = {k: ("bfloat16" if v == "bfloat16_t" else int(v)) for k, v in zip(names, tmpl)}
     if name == S.DOWN:
         values["HAS_RES"] = bool(values["HAS_RES"])
-    out_types = {S.ROUTE: ["uint32", "bfloat16"], S.GATE_UP: ["float32"], S.DOWN: ["bfloat16"]}[name]
+    out_types = {S.ROUTE: ["uint32", "bfloat16"], S.ROUTE_MATVEC: ["uint32", "bfloat16"], S.GATE_UP: ["float32"], S.DOWN: ["bfloat16"]}[name]
     mine = S.generated_source("metal", name, [t for _, t in arrays], out_types, values, in_sizes=[a.size for a, _ in arrays])
     assert mine == launch.source
     small = [n for n, (a, _) in zip(S.SPECS[name].inputs, arrays) if a.size < S.METAL_CONSTANT_BELOW]
@@ -387,7 +397,7 @@ def test_generated_source_is_mlx_source(name, N):
         assert (f"const constant " in re.search(rf".*\* {n} \[\[", launch.source).group(0)) == (n in small)
     # a `constant` pointer cannot become a `device` one: the kernels cast only weights that way
     cast = set(re.findall(r"\(const GX_DEVICE_PTR \w+\*\)\((\w+)\)", launch.source))
-    assert cast == (set() if name == S.ROUTE else {"w"}) and not cast & set(small)
+    assert cast == ({"w"} if name in (S.GATE_UP, S.DOWN) else set()) and not cast & set(small)
 
 
 @needs_gxx
@@ -427,7 +437,7 @@ def _ptxas(tmp_path, name, launch, *flags):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("name,launch", [(S.ROUTE, None)] + [(n, sh) for n in (S.GATE_UP, S.DOWN) for sh in [(4, 4), (4, 8), (8, 2), (8, 4)]])
+@pytest.mark.parametrize("name,launch", [(S.ROUTE, None), (S.ROUTE_MATVEC, None)] + [(n, sh) for n in (S.GATE_UP, S.DOWN) for sh in [(4, 4), (4, 8), (8, 2), (8, 4)]])
 def test_cuda_source_compiles_without_stack(name, launch, tmp_path):
     """nvcc compiles the CUDA rendering with no stack frame at all: local arrays (accumulators,
     the codes of a row, the activations of a group) stay in registers, spills or not."""
@@ -683,3 +693,47 @@ def test_launch_sweep_covers_both_dialects_and_their_defaults():
     for dialect in ("metal", "cuda"):
         assert gpu.launch_shape(dialect, "gate_up") in SWEEP[dialect] and gpu.launch_shape(dialect, "down") in SWEEP[dialect]
         assert all(32 * w <= 1024 for w, _ in SWEEP[dialect])
+
+
+# --- the router folded into the routing kernel (off by default: kernels.FUSED_ROUTER) ---------
+
+
+def ref_route_matvec(x, w, b, k):
+    return ref_route(x.astype(np.float64) @ w.astype(np.float64).T + b.astype(np.float64), k)
+
+
+def test_route_matvec_twin_matches_reference():
+    rng = np.random.default_rng(2)
+    x, w, b = bf16(rng.normal(0, 1, (9, 64))), bf16(rng.normal(0, 1, (32, 64))), bf16(rng.normal(0, 1, (32,)))
+    ids, wt = ops.route_matvec_topk(mx.array(x).astype(mx.bfloat16), mx.array(w).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16), 4)
+    rid, rw = ref_route_matvec(x, w, b, 4)
+    order = np.argsort(np.array(ids), 1)
+    assert (np.sort(np.array(ids), 1) == np.sort(rid, 1)).all()
+    got = np.take_along_axis(np.array(wt.astype(mx.float32)), order, 1)
+    assert np.abs(got - np.take_along_axis(rw, np.argsort(rid, 1), 1)).max() < 4e-3  # bf16 weights
+
+
+def test_route_matvec_dispatch_is_off_until_enabled(monkeypatch):
+    calls = fake_gpu(monkeypatch)
+    rng = np.random.default_rng(4)
+    x, w, b = (mx.array(rng.normal(0, 1, s).astype(np.float32)) for s in ((2, 64), (32, 64), (32,)))
+    want = ops.route_matvec_topk(x, w, b, 4)
+    got = kernels.route_matvec_topk(x, w, b, 4)
+    assert "route_matvec" not in calls and mx.array_equal(got[0], want[0])
+    monkeypatch.setattr(kernels, "FUSED_ROUTER", True)
+    got = kernels.route_matvec_topk(x, w, b, 4)
+    assert calls[-1] == "route_matvec" and mx.array_equal(got[0], want[0])
+
+
+@needs_gxx
+@pytest.mark.parametrize("N,E,H,warps", [(1, 32, 64, None), (3, 32, 2880, 3), (2, 128, 96, 8)])
+def test_metal_route_matvec_runs_in_simulator(N, E, H, warps, tmp_path):
+    """MLX's Metal source of the fused router, gpu.py's launch, in the simulator against float64."""
+    rng = np.random.default_rng(E + H)
+    x, w, b = bf16(rng.normal(0, 1, (N, H))), bf16(rng.normal(0, 1, (E, H))), bf16(rng.normal(0, 1, (E,)))
+    r, res = run_metal_sim(tmp_path, S.ROUTE_MATVEC, [(x, "bfloat16"), (w, "bfloat16"), (b, "bfloat16")],
+                           [((N, 4), "uint32"), ((N, 4), "bfloat16")], k=4, warps=warps)  # fmt: skip
+    assert res is not None, r.stderr
+    rid, rw = ref_route_matvec(x, w, b, 4)
+    assert (res[0] == rid).all()
+    assert np.abs(res[1] - rw).max() < 4e-3

@@ -136,6 +136,23 @@ def test_route_kernel_matches_twin(N, n_experts):
     assert np.abs(wa - wb).max() < 1e-5
 
 
+@pytest.mark.parametrize("N", [1, 5, 64])
+def test_route_matvec_kernel_matches_twin(N):
+    """The router folded into the routing kernel (off by default until measured here)."""
+    rng = np.random.default_rng(N)
+    x = mx.array(rng.normal(0, 1, (N, H)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array(rng.normal(0, 0.05, (E, H)).astype(np.float32)).astype(mx.bfloat16)
+    b = mx.array(rng.normal(0, 0.5, (E,)).astype(np.float32)).astype(mx.bfloat16)
+    fused = ops.route_matvec_topk if DRY else partial(gpu.route_matvec_topk, dialect=BACKEND)
+    ids, wt = fused(x, w, b, K)
+    ids_t, wt_t = ops.route_matvec_topk(x, w, b, K)
+    a, c = np.array(ids), np.array(ids_t)
+    assert (np.sort(a, 1) == np.sort(c, 1)).all()
+    wa = np.take_along_axis(np.array(wt.astype(mx.float32)), np.argsort(a, 1), 1)
+    wc = np.take_along_axis(np.array(wt_t.astype(mx.float32)), np.argsort(c, 1), 1)
+    assert np.abs(wa - wc).max() < 4e-3
+
+
 @pytest.mark.skipif(DRY, reason="checks the real kernels")
 def test_selfcheck_passes_on_this_gpu():
     """The dispatcher's own self-check (1 and 3 tokens: `constant` and `device` routing buffers on

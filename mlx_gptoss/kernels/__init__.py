@@ -70,6 +70,20 @@ def route_topk_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     return gpu.route_topk_softmax(logits, k, dialect=b)
 
 
+# The router folded into the routing kernel (one launch instead of two per layer). Off until
+# measured on a GPU: nothing calls route_matvec_topk by default, and with this False it runs the twin.
+FUSED_ROUTER = False
+
+
+def route_matvec_topk(x: mx.array, w: mx.array, b: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """x [N, H], an unquantized router's weight [E, H] and bias [E] -> (ids [N, K] uint32, weights
+    [N, K]); the logits in float32. See :data:`FUSED_ROUTER`."""
+    be = backend()
+    if be == "twin" or not FUSED_ROUTER or _source.ROUTE_MATVEC in selfcheck.failed(be):
+        return ops.route_matvec_topk(x, w, b, k)
+    return gpu.route_matvec_topk(x, w, b, k, dialect=be)
+
+
 def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *, group_size: int, bits: int, mode: str) -> mx.array:
     """``x @ dequantize(w).T``. On the CPU with float32 activations (measured on MLX 0.32.4, 1 x 2880
     by 5120 x 2880 8-bit: 128 ms with bf16 activations, 16 ms with float32)."""

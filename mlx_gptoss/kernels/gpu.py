@@ -65,6 +65,25 @@ def route_topk_softmax(logits: mx.array, k: int, *, dialect: str) -> tuple[mx.ar
     return out[0], out[1]
 
 
+ROUTE_MATVEC_WARPS = 4  # SIMD groups per token in the fused router; not tuned (off by default)
+
+
+def route_matvec_topk(x: mx.array, w: mx.array, b: mx.array, k: int, *, dialect: str, warps: int | None = None) -> tuple[mx.array, mx.array]:
+    """x [N, H], router weight [E, H] and bias [E] -> (expert ids [N, K] uint32, weights [N, K] in x's dtype)."""
+    N, H = x.shape
+    E = w.shape[0]
+    warps = warps or ROUTE_MATVEC_WARPS
+    out = _kernel(dialect, S.ROUTE_MATVEC)(
+        inputs=[x, w, b],
+        template=[("E", E), ("K", k), ("H", H), ("WARPS", warps), ("OutT", x.dtype)],
+        grid=(32 * warps * N, 1, 1),
+        threadgroup=(32 * warps, 1, 1),
+        output_shapes=[(N, k), (N, k)],
+        output_dtypes=[mx.uint32, x.dtype],
+    )
+    return out[0], out[1]
+
+
 def mxfp4_gate_up_swiglu(x, indices, w, s, b, *, limit: float, alpha: float, dialect: str, launch=None) -> mx.array:
     """x [N, H], indices [N, K] -> clamped SwiGLU of each selected expert's gate_up, [N, K, I] float32."""
     N, H = x.shape

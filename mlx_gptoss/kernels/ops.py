@@ -25,6 +25,14 @@ def route_topk_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     return idx.astype(mx.uint32), mx.softmax(top, axis=-1, precise=True)
 
 
+def route_matvec_topk(x: mx.array, w: mx.array, b: mx.array, k: int) -> tuple[mx.array, mx.array]:
+    """x [N, H], router weight [E, H], bias [E] -> (expert ids [N, K] uint32, weights [N, K] in x's
+    dtype): the router's logits in float32, then :func:`route_topk_softmax` (the fused kernel's twin)."""
+    f32 = mx.float32
+    ids, weights = route_topk_softmax(x.astype(f32) @ w.astype(f32).T + b.astype(f32), k)
+    return ids, weights.astype(x.dtype)
+
+
 def swiglu_clamped(h: mx.array, limit: float, alpha: float) -> mx.array:
     """gpt-oss's activation on interleaved gate/up rows: [..., 2I] -> [..., I]."""
     gate = mx.minimum(h[..., ::2], limit)

@@ -28,7 +28,7 @@ from . import source as S
 # float32 twins against kernels fed the same bf16 values: a correct kernel differs by summation
 # order only (< 2e-5 measured on an H100); a wrong row, scale or expert is off by O(1). The routing
 # weights come out in bf16 (half an ulp below 1 is 2e-3).
-TOLERANCE = {S.ROUTE: 4e-3, S.GATE_UP: 1e-3, S.DOWN: 1e-3}
+TOLERANCE = {S.ROUTE: 4e-3, S.ROUTE_MATVEC: 4e-3, S.GATE_UP: 1e-3, S.DOWN: 1e-3}
 LIMIT, ALPHA = 7.0, 1.702
 CACHE_NAME = "kernel-selfcheck.json"
 
@@ -82,20 +82,30 @@ def _route(dialect: str, rng: np.random.Generator, N: int) -> float:
     # distinct logits, exact in bf16: no ties, whose order the twin leaves unspecified
     logits = mx.array(np.stack([rng.permutation(32) * 0.25 - 4 for _ in range(N)]).astype(np.float32)).astype(mx.bfloat16)
     ids, w = gpu.route_topk_softmax(logits, 4, dialect=dialect)
-    ids_t, w_t = ops.route_topk_softmax(logits.astype(mx.float32), 4)
-    # the twin's order within the top k is unspecified: compare sorted by expert id
+    return _same_topk(ids, w, *ops.route_topk_softmax(logits.astype(mx.float32), 4))
+
+
+def _same_topk(ids, w, ids_t, w_t) -> float:
+    """Largest weight difference, or inf when the chosen experts differ (compared sorted by id)."""
     a, b = np.array(ids), np.array(ids_t)
     if a.shape != b.shape or not (np.sort(a, 1) == np.sort(b, 1)).all():
         return float("inf")
     wa = np.take_along_axis(np.array(w.astype(mx.float32)), np.argsort(a, 1), 1)
-    wb = np.take_along_axis(np.array(w_t), np.argsort(b, 1), 1)
+    wb = np.take_along_axis(np.array(w_t.astype(mx.float32)), np.argsort(b, 1), 1)
     return float(np.abs(wa - wb).max())
+
+
+def _route_matvec(dialect: str, rng: np.random.Generator, x: mx.array) -> float:
+    E = 32
+    rw = mx.array(rng.normal(0, 1, (E, x.shape[1])).astype(np.float32)).astype(mx.bfloat16)
+    rb = mx.array(rng.normal(0, 1, (E,)).astype(np.float32)).astype(mx.bfloat16)
+    return _same_topk(*gpu.route_matvec_topk(x, rw, rb, 4, dialect=dialect), *ops.route_matvec_topk(x, rw, rb, 4))
 
 
 def run_checks(dialect: str) -> list[Check]:
     """Each custom kernel of ``dialect`` against its twin, at one and at three tokens."""
     f32 = mx.float32
-    diffs: dict[str, float] = {S.ROUTE: 0.0, S.GATE_UP: 0.0, S.DOWN: 0.0}
+    diffs: dict[str, float] = {name: 0.0 for name in S.SPECS}
     errors: dict[str, str] = {}
     rng = np.random.default_rng(0)
     for N in (1, 3):
@@ -104,6 +114,7 @@ def run_checks(dialect: str) -> list[Check]:
         y_t = ops.mxfp4_down_combine(act_t, ids, w.astype(f32), dw, ds, db.astype(f32), x.astype(f32), out_dtype=f32)
         runs = {
             S.ROUTE: lambda: _route(dialect, rng, N),
+            S.ROUTE_MATVEC: lambda: _route_matvec(dialect, rng, x),
             S.GATE_UP: lambda: _rel(gpu.mxfp4_gate_up_swiglu(x, ids, gw, gs, gb, limit=LIMIT, alpha=ALPHA, dialect=dialect), act_t),
             # from the twin's activations, so a gate_up error is not blamed on down
             S.DOWN: lambda: _rel(gpu.mxfp4_down_combine(act_t, ids, w, dw, ds, db, x, out_dtype=f32, dialect=dialect), y_t),
@@ -121,7 +132,7 @@ def run_checks(dialect: str) -> list[Check]:
             out.append(Check(name, False, errors[name]))
         else:
             ok = d <= TOLERANCE[name]  # NaN compares false: a NaN output fails
-            what = "max difference of the weights" if name == S.ROUTE else "max relative difference"
+            what = "max difference of the weights" if name in (S.ROUTE, S.ROUTE_MATVEC) else "max relative difference"
             out.append(Check(name, ok, f"{what} to the twin {d:.2e}" + ("" if ok else f" (tolerance {TOLERANCE[name]:g})")))
     return out
 

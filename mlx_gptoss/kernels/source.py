@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 # Kernel names; MLX prefixes them with "custom_kernel_".
 ROUTE, GATE_UP, DOWN = "gx_route_topk", "gx_mxfp4_gate_up_swiglu", "gx_mxfp4_down_combine"
+ROUTE_MATVEC = "gx_route_matvec_topk"
 
 _COMMON_HELPERS = r"""
 // "Minus infinity" for the top-k search: the lowest finite float, so no comparison depends on
@@ -73,18 +74,10 @@ GX_INLINE gx_x8 gx_load_x8(GX_SHARED_PTR const float4* xs, uint32_t g, uint32_t 
 GX_INLINE float gx_scale(uint32_t s) { return GX_AS_FLOAT(s << 23) * 16384.0f; }
 """
 
-# Router logits [N, E] -> top-K ids (descending) and softmax weights over them. One SIMD group
-# (32 threads) per token; each lane holds E/32 logits; K rounds of a SIMD max with the lowest
-# expert id winning ties.
-_ROUTE_BODY = r"""
-  GX_PROLOGUE
-  constexpr int PER = (E + 31) / 32;
-  const uint32_t n = gx_bx;
-  float v[PER];
-  GX_UNROLL for (int i = 0; i < PER; ++i) {
-    uint32_t e = gx_lane + 32 * i;
-    v[i] = e < (uint32_t)E ? float(logits[n * E + e]) : GX_NEG_INF;
-  }
+# Top K of E logits held by one SIMD group (lane l holds v[i] = logit of expert l + 32 i), then the
+# softmax over them: K rounds of a SIMD max with the lowest expert id winning ties. Shared by the
+# routing kernels; writes indices/weights of token n.
+_TOPK = r"""
   float top[K];
   uint32_t ids[K];
   GX_UNROLL for (int r = 0; r < K; ++r) {
@@ -111,6 +104,47 @@ _ROUTE_BODY = r"""
     }
   }
 """
+
+# Router logits [N, E] -> top-K ids (descending) and softmax weights over them. One SIMD group
+# (32 threads) per token; each lane holds E/32 logits.
+_ROUTE_BODY = r"""
+  GX_PROLOGUE
+  constexpr int PER = (E + 31) / 32;
+  const uint32_t n = gx_bx;
+  float v[PER];
+  GX_UNROLL for (int i = 0; i < PER; ++i) {
+    uint32_t e = gx_lane + 32 * i;
+    v[i] = e < (uint32_t)E ? float(logits[n * E + e]) : GX_NEG_INF;
+  }
+""" + _TOPK
+
+# The router folded in: x [N, H], router weight rw [E, H] and bias rb [E] -> the same top-K ids and
+# weights, logits computed in float32 (not rounded to x's dtype as the unfused router's are). One
+# threadgroup of WARPS SIMD groups per token: SIMD group w computes the logits of experts w,
+# w + WARPS, ... (lanes stride over H, a SIMD sum), into threadgroup memory; SIMD group 0 then
+# runs the top K. Saves the router's launch and its logits' round trip through memory.
+_ROUTE_MATVEC_BODY = r"""
+  GX_PROLOGUE
+  constexpr int PER = (E + 31) / 32;
+  GX_SHARED float lg[E];
+  static_assert(sizeof(lg) <= 32768, "threadgroup memory over Metal's 32 KB");
+  const uint32_t n = gx_bx;
+  const auto xn = x + n * H;
+  for (uint32_t e = gx_warp; e < (uint32_t)E; e += WARPS) {
+    const auto we = rw + e * H;
+    float acc = 0.0f;
+    for (uint32_t h = gx_lane; h < (uint32_t)H; h += 32) acc = GX_FMA(float(xn[h]), float(we[h]), acc);
+    acc = gx_simd_sum(acc);
+    if (gx_lane == 0) lg[e] = acc + float(rb[e]);
+  }
+  GX_BARRIER;
+  if (gx_warp != 0) return;
+  float v[PER];
+  GX_UNROLL for (int i = 0; i < PER; ++i) {
+    uint32_t e = gx_lane + 32 * i;
+    v[i] = e < (uint32_t)E ? lg[e] : GX_NEG_INF;
+  }
+""" + _TOPK
 
 # x [N, H], indices [N, K] -> act [N, K, I] (float32): for pair p = n*K+k, expert e = indices[p],
 # act[p, j] = swiglu(gate_j + bg, up_j + bu) with gate/up rows 2j, 2j+1 of e's gate_up.
@@ -315,6 +349,7 @@ class KernelSpec:
 
 SPECS = {
     ROUTE: KernelSpec(ROUTE, ("logits",), ("indices", "weights"), _ROUTE_BODY),
+    ROUTE_MATVEC: KernelSpec(ROUTE_MATVEC, ("x", "rw", "rb"), ("indices", "weights"), _ROUTE_MATVEC_BODY),
     GATE_UP: KernelSpec(GATE_UP, ("x", "indices", "w", "s", "bias"), ("act",), _GATE_UP_BODY),
     DOWN: KernelSpec(DOWN, ("act", "indices", "weights", "w", "s", "bias", "resid"), ("y",), _DOWN_BODY),
 }
