@@ -250,6 +250,29 @@ def test_selfcheck_passing_kernels_are_used_and_the_verdict_cached(monkeypatch, 
     assert rel_err(run(), ref) < 1e-5 and calls == ["gate_up", "down"]
 
 
+def test_selfcheck_costs_nothing_after_the_first_call(monkeypatch):
+    """The dispatcher asks on every MoE call: after the first, no check, hash or device query."""
+    fake_gpu(monkeypatch)
+    assert selfcheck.failed("metal") == frozenset()
+    monkeypatch.setattr(selfcheck, "_key", lambda d: pytest.fail("recomputed the cache key"))
+    t = time.perf_counter()
+    for _ in range(1000):
+        selfcheck.failed("metal")
+    assert time.perf_counter() - t < 0.05
+
+
+def test_doctor_kernels_report_on_a_gpu_backend(monkeypatch):
+    """What a Mac or CUDA user pastes: each kernel's verdict, the cached one, kernel timings."""
+    fake_gpu(monkeypatch)
+    selfcheck.failed("metal")  # the dispatcher's first use writes the cache
+    text = selfcheck.report(bench=False)
+    for name in S.SPECS:
+        assert f"  {name}: ok: max " in text, text
+    assert "all kernels in use" in text and "MoE ops run on: metal" in text
+    (row,) = selfcheck.benchmark("metal", tokens=(1,), H=64, I=64)
+    assert "twins" in row and "kernels" in row and "failed" not in row
+
+
 def test_selfcheck_mismatch_falls_back_to_twins_with_one_warning(monkeypatch):
     calls = fake_gpu(monkeypatch)
     good = gpu.mxfp4_gate_up_swiglu

@@ -137,7 +137,7 @@ def run_checks(dialect: str) -> list[Check]:
     return out
 
 
-_failed: dict[str, frozenset[str]] = {}  # per process: cache key -> kernels that failed
+_failed: dict[str, frozenset[str]] = {}  # per process: dialect -> kernels that failed (the hot path's lookup)
 
 
 def _cache_file() -> Path:
@@ -172,10 +172,10 @@ def _write_cache(key: str, checks: list[Check]) -> None:
 
 
 def failed(dialect: str) -> frozenset[str]:
-    """The kernels of ``dialect`` the dispatcher must not use (checked once per process and key)."""
+    """The kernels of ``dialect`` the dispatcher must not use (checked once per process)."""
+    if dialect in _failed:  # every MoE call asks: no hashing or device query after the first
+        return _failed[dialect]
     key = _key(dialect)
-    if key in _failed:
-        return _failed[key]
     cached = _read_cache().get(key, {}).get("checks")
     if isinstance(cached, dict) and set(cached) == set(S.SPECS):
         checks = [Check(k, bool(v.get("ok")), str(v.get("detail", ""))) for k, v in cached.items()]
@@ -183,7 +183,7 @@ def failed(dialect: str) -> frozenset[str]:
         checks = run_checks(dialect)
         _write_cache(key, checks)
     bad = frozenset(c.kernel for c in checks if not c.ok)
-    _failed[key] = bad
+    _failed[dialect] = bad
     if bad:
         why = "; ".join(f"{c.kernel}: {c.detail}" for c in checks if not c.ok)
         warnings.warn(
