@@ -166,14 +166,15 @@ def fuse(
             expert adapters is refused with the part of its update MXFP4 would lose.
         dtype: storage of merged float weights: None keeps the base's (bf16 for a release, so
             the update is rounded to bf16), or "float32"/"bfloat16"/"float16". Quantized weights
-            are re-quantized with their own format.
+            stay in their format: new codes on the base's own scales (affine 2/4/8-bit) or a
+            fresh quantization, whichever is nearer W + ΔW.
         check_tokens: length of the random sample the KL check runs (0 skips it).
 
     Returns a :class:`FuseReport` (also printed to stderr when ``verbose``). Raises
     :class:`FuseError` / :class:`LoRAError` (both ValueErrors) before anything is written.
     """
     from mlx_gptoss.loader import _shards, load, resolve_model
-    from mlx_gptoss.safetensors_io import read_header
+    from mlx_gptoss.safetensors_io import fsync_dir, read_header
     from mlx_gptoss_convert.destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, destination,
                                                 remove_stale, signals_as_errors)  # fmt: skip
 
@@ -221,6 +222,7 @@ def fuse(
                         os.fsync(fh.fileno())
                 os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the model private to this user
                 os.rename(tmp, out)
+                fsync_dir(out.parent)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
