@@ -17,7 +17,8 @@ run_for() {
   shift
   "$@" &
   pid=$!
-  ( sleep "$limit"; kill -TERM "$pid" 2>/dev/null && { touch "/tmp/gx-timeout.$pid"; sleep 5; kill -KILL "$pid" 2>/dev/null; } ) >/dev/null 2>&1 &
+  # the mark goes down before the kill, so it is there when wait returns
+  ( sleep "$limit"; touch "/tmp/gx-timeout.$pid"; kill -TERM "$pid" 2>/dev/null && { sleep 5; kill -KILL "$pid" 2>/dev/null; } ) >/dev/null 2>&1 &
   watcher=$!
   wait "$pid"
   rc=$?
