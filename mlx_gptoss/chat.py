@@ -588,7 +588,6 @@ def _is_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
-_for_rendering = for_rendering  # the old private name, still imported by code being moved to harmony.for_rendering
 
 
 class _StopText:
