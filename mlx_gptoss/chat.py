@@ -29,8 +29,9 @@ import mlx.core as mx
 
 from .generate import GenerationResult, PromptTooLongError, make_sampler, stream_tokens
 from .harmony import (CommentaryDelta, Event, FinalDelta, HarmonyStream, ReasoningDelta, ToolCall, ToolCallCompleted,
-                      developer_message, for_rendering, system_message)  # fmt: skip
+                      developer_message, for_rendering, render_for_completion, system_message)  # fmt: skip
 from .kvreuse import KVState
+from .tokenizer import TokenizerError
 from .tools import Tool, as_tool
 
 DEFAULT_MAX_TOKENS = 2048
@@ -349,17 +350,12 @@ class ChatSession:
 
     def _render(self, messages: list) -> list[int]:
         """The prompt for ``messages`` (all shown), ending where the assistant's reply begins."""
-        from openai_harmony import Conversation, Role
-
         try:
-            return self.encoding.render_conversation_for_completion(Conversation.from_messages(for_rendering(messages)), Role.ASSISTANT)
+            return render_for_completion(self.encoding, for_rendering(messages))
+        except TokenizerError:  # a panic inside openai-harmony, already said clearly
+            raise
         except Exception as e:  # noqa: BLE001 - openai-harmony raises its own error types
             raise ValueError(f"the conversation cannot be rendered in the harmony format: {e}") from None
-        except BaseException as e:
-            if not _is_panic(e):
-                raise
-            raise ValueError(f"the harmony tokenizer failed on the conversation (it panicked: {str(e)[:200]}); "
-                             f"very long runs of one character do this") from None  # fmt: skip
 
     def _fit(self, messages: list, hidden: int, max_tokens: int) -> tuple[list[int], int]:
         """The prompt for ``messages`` with ``max_tokens`` of room left in the context, hiding
@@ -582,10 +578,6 @@ def _checked_text(text: Any, what: str) -> str:
                          f"(decode its bytes with errors='replace')") from None  # fmt: skip
     return text
 
-
-def _is_panic(e: BaseException) -> bool:
-    # pyo3 raises its PanicException (a BaseException, in no importable module) when Rust panics
-    return type(e).__name__ == "PanicException"
 
 
 

@@ -58,7 +58,7 @@ class Boom:
 FAILURES = {
     "prompt too long": (lambda c: c.send("word " * 5000, max_tokens=6), PromptTooLongError, "exceeds the context of 4096"),
     "lone surrogate": (lambda c: c.send("caf\udce9 au lait", max_tokens=6), ValueError, "not valid Unicode"),
-    "tokenizer panic": (lambda c: c.send("a" * 1_000_000, max_tokens=6), ValueError, "tokenizer failed"),
+    "tokenizer panic": (lambda c: c.send("a" * 1_000_000, max_tokens=6), ValueError, "openai-harmony failed to render"),
     "negative temperature": (lambda c: c.send("x", temperature=-1), ValueError, "temp must be >= 0"),
     "max_tokens 0": (lambda c: c.send("x", max_tokens=0), ValueError, "max_tokens must be an integer >= 1"),
     "max_tokens over the context": (lambda c: c.send("x", max_tokens=4096), PromptTooLongError, "leaves no room"),
