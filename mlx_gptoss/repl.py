@@ -34,10 +34,11 @@ keys:
 
 class Repl:
     def __init__(self, session: ChatSession, *, show_reasoning: bool = True, options: dict[str, Any] | None = None,
-                 read: Callable[[str], str] = input, out: TextIO = sys.stdout, err: TextIO = sys.stderr):  # fmt: skip
+                 read: Callable[[str], str] = input, out: TextIO | None = None, err: TextIO | None = None):  # fmt: skip
         self.session, self.show_reasoning, self.options = session, show_reasoning, options or {}
-        self.read, self.out, self.err = read, out, err
-        self.color = out.isatty()
+        # the streams of the moment, not those of import time (a caller may have replaced them since)
+        self.read, self.out, self.err = read, out or sys.stdout, err or sys.stderr
+        self.color = self.out.isatty()
 
     def _dim(self, text: str) -> str:
         return f"\033[2m{text}\033[0m" if self.color else text
