@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_e2e import machine, peak_rss_gb, write_outputs  # noqa: E402
+from bench_e2e import peak_rss_gb, record, run_worker, write_outputs  # noqa: E402
 
 
 def zipf_trace(n_layers: int, n_experts: int, k: int, s: float, seed: int):
@@ -99,14 +98,6 @@ def mlx_lm_worker(a) -> dict:
     return {"engine": "mlx-lm", "peak_mlx_gb": mx.get_peak_memory() / 1e9, "peak_rss_gb": peak_rss_gb()}
 
 
-def run_sub(args: list[str]) -> dict:
-    p = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if p.returncode != 0 or line is None:
-        return {"error": f"exit {p.returncode}: {(p.stderr.strip().splitlines() or ['no output'])[-1]}"}
-    return json.loads(line[7:])
-
-
 def markdown(res: dict) -> str:
     m = res["machine"]
     head = (f"Run {res['date']} on {m.get('cpu')} ({m['cpu_count']} cores, {m.get('ram_gb')} GB RAM), {m['platform']}, "
@@ -169,25 +160,21 @@ def main(argv: list[str] | None = None) -> None:
             if routing == "zipf" and budget == "unbounded":
                 continue  # routing does not change the unbounded model's work
             print(f"{routing} {budget} ...", file=sys.stderr, flush=True)
-            r = run_sub([*common, "--worker", "ours", "--budget", budget, "--routing", routing])
+            r = run_worker(__file__, [*common, "--worker", "ours", "--budget", budget, "--routing", routing])
             r.setdefault("budget", budget), r.setdefault("routing", routing)
             runs.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     checks = []
     if a.check_budget:
-        f32 = [run_sub([*common, "--worker", "ours", "--budget", b, "--dtype", "float32"]) for b in ("unbounded", a.check_budget)]
+        f32 = [run_worker(__file__, [*common, "--worker", "ours", "--budget", b, "--dtype", "float32"]) for b in ("unbounded", a.check_budget)]
         print(json.dumps(f32), file=sys.stderr, flush=True)
         if all("tokens" in r for r in f32):
             checks.append({"budget": a.check_budget, "same": f32[0]["tokens"] == f32[1]["tokens"],
                            "tokens_unbounded": f32[0]["tokens"], "tokens_budget": f32[1]["tokens"], "runs": f32})  # fmt: skip
         else:
             checks.append({"budget": a.check_budget, "error": next(r["error"] for r in f32 if "error" in r)})
-    peer = run_sub(["--converted", a.converted, "--release", a.release, "--worker", "mlx-lm"]) if a.release else None
-    from datetime import datetime, timezone
-
-    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-           "args": {k: v for k, v in vars(a).items() if k not in ("worker", "json", "markdown", "budget", "routing", "dtype")},
-           "runs": runs, "checks": checks, "mlx_lm": peer}  # fmt: skip
+    peer = run_worker(__file__, ["--converted", a.converted, "--release", a.release, "--worker", "mlx-lm"]) if a.release else None
+    res = {**record(a, "budget", "routing", "dtype"), "runs": runs, "checks": checks, "mlx_lm": peer}
     write_outputs(res, markdown(res), a.json, a.markdown)
 
 

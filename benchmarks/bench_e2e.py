@@ -172,6 +172,41 @@ def markdown(res: dict) -> str:
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
+def run_worker(script: str, args: list[str]) -> dict:
+    """Run ``python script *args`` in its own process (so its peak memory is its own) and return the
+    JSON of its ``RESULT`` line, or ``{"error": ...}`` naming how it failed."""
+    p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode == 0 and line is not None:
+        return json.loads(line[len("RESULT "):])
+    if p.returncode < 0:
+        sig = signal.Signals(-p.returncode).name
+        why = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
+    else:
+        why = (p.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {p.returncode}: {why}"}
+
+
+def run_engines(script: str, argv: list[str] | None, engines: str) -> list[dict]:
+    """Each of the comma-separated ``engines`` run as ``script`` with the same arguments and
+    ``--worker ENGINE``, one process after another; their results in order, failures included."""
+    results = []
+    for engine in engines.split(","):
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        res = run_worker(script, [*(argv if argv is not None else sys.argv[1:]), "--worker", engine])
+        results.append({"engine": engine, **res})  # a worker's own result starts with its engine
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return results
+
+
+def record(args: argparse.Namespace, *internal: str) -> dict:
+    """The head of a benchmark's JSON: when, on what machine, with which arguments (less the
+    output paths and the ``internal`` ones, which only the workers read)."""
+    hidden = ("worker", "json", "markdown", *internal)
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+            "args": {k: v for k, v in vars(args).items() if k not in hidden}}  # fmt: skip
+
+
 def write_outputs(res: dict, md: str, json_path: Path | None, md_path: Path | None) -> None:
     """Print the markdown table; write the JSON and the table where asked."""
     print(md)
@@ -200,24 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         res = worker(args.worker, path, args.prompt_tokens, args.gen_tokens, args.warmup_tokens, args.prefill_step, args.seed)
         print("RESULT " + json.dumps(res), flush=True)
         return
-    results = []
-    for engine in args.engines.split(","):
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", engine]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if p.returncode != 0 or line is None:
-            if p.returncode < 0:
-                sig = signal.Signals(-p.returncode).name
-                why = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
-            else:
-                why = (p.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append({"engine": engine, "error": f"exit {p.returncode}: {why}"})
-        else:
-            results.append(json.loads(line[len("RESULT "):]))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-           "args": {k: v for k, v in vars(args).items() if k not in ("worker", "json", "markdown")}, "results": results}  # fmt: skip
+    results = run_engines(__file__, argv, args.engines)
+    res = {**record(args), "results": results}
     write_outputs(res, markdown(res), args.json, args.markdown)
 
 

@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import machine, write_outputs  # noqa: E402
+from bench_e2e import record, run_engines, write_outputs  # noqa: E402
 
 from mlx_gptoss.generate import peak_rss_gb  # noqa: E402
 
@@ -167,20 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             res = run_mlx_lm(args.release, seqs, args.rank, args.steps)
         print("RESULT " + json.dumps({"engine": args.worker, **res}), flush=True)
         return
-    results = []
-    for engine in args.engines.split(","):
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", engine]
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if p.returncode != 0 or line is None:
-            why = (p.stderr.strip().splitlines() or ["no output"])[-1]
-            results.append({"engine": engine, "error": f"exit {p.returncode}: {why}"})
-        else:
-            results.append(json.loads(line[len("RESULT "):]))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    res = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-           "args": {k: v for k, v in vars(args).items() if k not in ("worker", "json", "markdown")}, "results": results}  # fmt: skip
+    results = run_engines(__file__, argv, args.engines)
+    res = {**record(args), "results": results}
     write_outputs(res, markdown(res), args.json, args.markdown)
 
 
