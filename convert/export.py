@@ -30,14 +30,14 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 
 from mlx_gptoss.config import ConfigError, GptOssConfig, QuantSpec, read_json
-from mlx_gptoss.safetensors_io import (NUMPY_DTYPE, SafetensorsError, SafetensorsWriter, TensorInfo, fsync_dir, read_header,
+from mlx_gptoss.safetensors_io import (NUMPY_DTYPE, SafetensorsWriter, TensorInfo, fsync_dir,
                                        split_into_shards, tensor_nbytes)  # fmt: skip
 
 from .convert import DEFAULT_SHARD_BYTES, TOKENIZER_FILES, _expected_params, _is_output
 from .destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, check_replaceable, destination,
                           remove_stale, signals_as_errors)  # fmt: skip
 from .layout import BLOCKS, CONCAT, COPY, HF, INTERLEAVE, MLXLM, MLXLM_MODULES, quantizable, source_keys
-from .source import INDEX, ConversionError
+from .source import INDEX, ConversionError, read_headers
 
 FORMATS = (HF, MLXLM)
 MARKER = "mlx_gptoss_export.json"
@@ -86,16 +86,7 @@ def open_model(model: str | Path) -> Model:
         files = _shards(root)
     except (LoadError, ConfigError) as e:
         raise ConversionError(str(e)) from None
-    found: dict[str, TensorInfo] = {}
-    for f in files:
-        try:
-            header, _ = read_header(f)
-        except SafetensorsError as e:
-            raise ConversionError(str(e)) from None
-        for name, info in header.items():
-            if name in found:
-                raise ConversionError(f"{f}: tensor {name!r} also appears in {found[name].file.name}")
-            found[name] = info
+    found = read_headers(files)
     expected = _expected_params(config)
     for name, info in found.items():
         if name not in expected:

@@ -84,13 +84,8 @@ def _shard_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     return [root / f for f in files], weight_map
 
 
-def open_release(src: str | Path, layout: str | None = None) -> Release:
-    """Read the headers and config of a released checkpoint folder and check they agree."""
-    if layout is not None and layout not in LAYOUTS:
-        raise ConversionError(f"unknown source layout {layout!r} (one of {', '.join(LAYOUTS)})")
-    src = Path(src)
-    root = _weights_dir(src, layout)
-    files, weight_map = _shard_files(root)
+def read_headers(files: list[Path]) -> dict[str, TensorInfo]:
+    """Every tensor of ``files`` by name (headers only); a bad header, or a name in two files, is refused."""
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         try:
@@ -101,6 +96,17 @@ def open_release(src: str | Path, layout: str | None = None) -> Release:
             if name in tensors:
                 raise ConversionError(f"{f}: tensor {name!r} also appears in {tensors[name].file.name}")
             tensors[name] = info
+    return tensors
+
+
+def open_release(src: str | Path, layout: str | None = None) -> Release:
+    """Read the headers and config of a released checkpoint folder and check they agree."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ConversionError(f"unknown source layout {layout!r} (one of {', '.join(LAYOUTS)})")
+    src = Path(src)
+    root = _weights_dir(src, layout)
+    files, weight_map = _shard_files(root)
+    tensors = read_headers(files)
     if weight_map is not None:
         for name, fname in weight_map.items():
             if name not in tensors or tensors[name].file.name != fname:
