@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
@@ -21,10 +19,10 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 
 from mlx_gptoss.config import GptOssConfig, QuantSpec
-from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, fsync_dir, split_into_shards, tensor_nbytes
+from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, split_into_shards, tensor_nbytes
 
 from .destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, check_replaceable, destination,
-                          remove_stale, signals_as_errors)  # fmt: skip
+                          remove_stale, signals_as_errors, staged)  # fmt: skip
 from .layout import (BLOCKS, CONCAT, COPY, DENSE_LAYOUTS, FORMAT_NAME, FORMAT_VERSION, INTERLEAVE, QLIN_B, QLIN_OPS, QLIN_S,
                      QLIN_W, QUANT_S, QUANT_ST, QUANT_W, QUANT_WT, quantizable, rule_for)  # fmt: skip
 from .source import INDEX, ConversionError, Release, open_release
@@ -311,40 +309,23 @@ def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_l
 def _write(release: Release, out_config: GptOssConfig, shards: list[list[Planned]], total: int, vocab: bytes | None,
            dst: Path, src_label: str, show: bool) -> list[str]:  # fmt: skip
     """Write the conversion into a hidden sibling of ``dst``, then rename it into place (replacing ``dst``)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to this user
     streamer = _Streamer()
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not show)
     try:
-        weight_map = {}
-        for n, shard in enumerate(shards):
-            fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            entries = [(p.name, p.dtype, p.shape) for p in shard]
-            with SafetensorsWriter(tmp / fname, entries, {"format": "mlx"}) as w:
-                for p in shard:
-                    for chunk in streamer.chunks(p):
-                        w.write(p.name, chunk)
-                        bar.update(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes)
-                    weight_map[p.name] = fname
-        notes = _write_metadata(release, out_config, tmp, src_label, weight_map, total, vocab)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(dst) as tmp:
+            weight_map = {}
+            for n, shard in enumerate(shards):
+                fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+                entries = [(p.name, p.dtype, p.shape) for p in shard]
+                with SafetensorsWriter(tmp / fname, entries, {"format": "mlx"}) as w:
+                    for p in shard:
+                        for chunk in streamer.chunks(p):
+                            w.write(p.name, chunk)
+                            bar.update(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes)
+                        weight_map[p.name] = fname
+            notes = _write_metadata(release, out_config, tmp, src_label, weight_map, total, vocab)
     finally:
         streamer.close()
         bar.close()

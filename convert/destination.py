@@ -16,10 +16,13 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+from mlx_gptoss.safetensors_io import fsync_dir
 
 from .layout import FORMAT_NAME
 from .source import ConversionError
@@ -177,6 +180,35 @@ def remove_stale(dst: Path) -> list[Path]:
         shutil.rmtree(p)
         removed.append(p)
     return removed
+
+
+@contextmanager
+def staged(dst: Path) -> Iterator[Path]:
+    """A hidden sibling of ``dst`` to write the whole output into; call holding ``dst``'s lock.
+
+    When the block ends, its files are synced and it is renamed to ``dst`` (an existing ``dst``
+    moved aside first, then removed); when the block raises, it is removed and ``dst`` is untouched.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to this user
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 @contextmanager

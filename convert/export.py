@@ -18,11 +18,9 @@ byte is written, written into a hidden sibling folder and renamed into place whe
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
@@ -30,12 +28,12 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 
 from mlx_gptoss.config import ConfigError, GptOssConfig, QuantSpec, read_json
-from mlx_gptoss.safetensors_io import (NUMPY_DTYPE, SafetensorsWriter, TensorInfo, fsync_dir,
+from mlx_gptoss.safetensors_io import (NUMPY_DTYPE, SafetensorsWriter, TensorInfo,
                                        split_into_shards, tensor_nbytes)  # fmt: skip
 
 from .convert import DEFAULT_SHARD_BYTES, TOKENIZER_FILES, _expected_params, _is_output
 from .destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, check_replaceable, destination,
-                          remove_stale, signals_as_errors)  # fmt: skip
+                          remove_stale, signals_as_errors, staged)  # fmt: skip
 from .layout import BLOCKS, CONCAT, COPY, HF, INTERLEAVE, MLXLM, MLXLM_MODULES, quantizable, source_keys
 from .source import INDEX, ConversionError, read_headers
 
@@ -258,10 +256,6 @@ def _write(m: Model, fmt: str, shards: list[list[Piece]], total: int, dst: Path,
 
     from mlx_gptoss import __version__
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the model private to this user
     files: dict[Path, BinaryIO] = {}
 
     def fh(info: TensorInfo) -> BinaryIO:
@@ -271,40 +265,27 @@ def _write(m: Model, fmt: str, shards: list[list[Piece]], total: int, dst: Path,
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"exporting ({fmt})", disable=not show)
     try:
-        weight_map = {}
-        for fname, shard in zip(_file_names(fmt, len(shards)), shards):
-            if fmt == HF:
-                shard = sorted(shard, key=lambda p: (-_DTYPE_RANK.get(p.dtype, 9), p.name))
-            meta = {"format": "pt" if fmt == HF else "mlx"}
-            with SafetensorsWriter(tmp / fname, [(p.name, p.dtype, p.shape) for p in shard], meta) as w:
-                for p in shard:
-                    for chunk in _chunks(p, fh):
-                        w.write(p.name, chunk)
-                        bar.update(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes)
-                    weight_map[p.name] = fname
-        config = release_config(m.config) if fmt == HF else mlx_lm_config(m.config)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (m.root / name).is_file():
-                shutil.copy2(m.root / name, tmp / name)
-        marker = {"format": fmt, "source": str(m.root), "exporter_version": __version__, "notes": notes}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as out:
-                os.fsync(out.fileno())
-        old = None
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(dst) as tmp:
+            weight_map = {}
+            for fname, shard in zip(_file_names(fmt, len(shards)), shards):
+                if fmt == HF:
+                    shard = sorted(shard, key=lambda p: (-_DTYPE_RANK.get(p.dtype, 9), p.name))
+                meta = {"format": "pt" if fmt == HF else "mlx"}
+                with SafetensorsWriter(tmp / fname, [(p.name, p.dtype, p.shape) for p in shard], meta) as w:
+                    for p in shard:
+                        for chunk in _chunks(p, fh):
+                            w.write(p.name, chunk)
+                            bar.update(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes)
+                        weight_map[p.name] = fname
+            config = release_config(m.config) if fmt == HF else mlx_lm_config(m.config)
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+            for name in TOKENIZER_FILES:
+                if (m.root / name).is_file():
+                    shutil.copy2(m.root / name, tmp / name)
+            marker = {"format": fmt, "source": str(m.root), "exporter_version": __version__, "notes": notes}
+            (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     finally:
         for f in files.values():
             f.close()
