@@ -21,8 +21,7 @@ import numpy as np
 from mlx_gptoss.config import GptOssConfig, QuantSpec
 from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, split_into_shards, tensor_nbytes
 
-from .destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, check_replaceable, destination,
-                          remove_stale, signals_as_errors, staged)  # fmt: skip
+from .destination import SPACE_MARGIN, check_no_overlap, check_replaceable, claimed, destination, staged
 from .layout import (BLOCKS, CONCAT, COPY, DENSE_LAYOUTS, FORMAT_NAME, FORMAT_VERSION, INTERLEAVE, QLIN_B, QLIN_OPS, QLIN_S,
                      QLIN_W, QUANT_S, QUANT_ST, QUANT_W, QUANT_WT, quantizable, rule_for)  # fmt: skip
 from .source import INDEX, ConversionError, Release, open_release
@@ -363,8 +362,9 @@ def convert(
     """
     src, given = Path(src).expanduser(), dst
     dst = destination(dst)
+    taken = f"{given}: already exists (use --force to replace an earlier conversion)"
     if (dst.exists() or dst.is_symlink()) and not force:
-        raise ConversionError(f"{given}: already exists (use --force to replace an earlier conversion)")
+        raise ConversionError(taken)
     release = open_release(src, layout)
     check_no_overlap([src, release.root], dst)
     if dst.exists() or dst.is_symlink():
@@ -386,22 +386,14 @@ def convert(
     total = sum(p.nbytes for p in planned)
     need = total + SPACE_MARGIN
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    with signals_as_errors(dst):
-        if not dst.parent.is_dir():
-            check_free_space(dst.parent, need)
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConversionError(f"{dst.parent}: cannot create it ({e.strerror})") from None
-        with DestinationLock(dst):
-            for p in remove_stale(dst):
-                print(f"note: removed {p}, left by an interrupted conversion", file=sys.stderr)
-            if dst.exists() or dst.is_symlink():  # another conversion may have finished meanwhile
-                if not force:
-                    raise ConversionError(f"{given}: already exists (use --force to replace an earlier conversion)")
-                check_replaceable(dst, _is_output)
-            check_free_space(dst.parent, need)
-            notes = _write(release, out_config, shards, total, vocab, dst, str(src), show)
+
+    def recheck() -> None:
+        if not force:
+            raise ConversionError(taken)
+        check_replaceable(dst, _is_output)
+
+    with claimed(dst, need, recheck, "conversion"):
+        notes = _write(release, out_config, shards, total, vocab, dst, str(src), show)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return dst

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -180,6 +181,27 @@ def remove_stale(dst: Path) -> list[Path]:
         shutil.rmtree(p)
         removed.append(p)
     return removed
+
+
+@contextmanager
+def claimed(dst: Path, need: int, recheck: Callable[[], None], what: str) -> Iterator[None]:
+    """Hold ``dst`` for writing ``need`` bytes: SIGTERM/SIGHUP raise, its parent is made, its lock
+    taken and the hidden folders an interrupted ``what`` left beside it removed; if ``dst`` exists
+    by then, ``recheck()`` raises to refuse it (another writer may have finished meanwhile)."""
+    with signals_as_errors(dst):
+        if not dst.parent.is_dir():
+            check_free_space(dst.parent, need)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConversionError(f"{dst.parent}: cannot create it ({e.strerror})") from None
+        with DestinationLock(dst):
+            for p in remove_stale(dst):
+                print(f"note: removed {p}, left by an interrupted {what}", file=sys.stderr)
+            if dst.exists() or dst.is_symlink():
+                recheck()
+            check_free_space(dst.parent, need)
+            yield
 
 
 @contextmanager

@@ -32,8 +32,7 @@ from mlx_gptoss.safetensors_io import (NUMPY_DTYPE, SafetensorsWriter, TensorInf
                                        split_into_shards, tensor_nbytes)  # fmt: skip
 
 from .convert import DEFAULT_SHARD_BYTES, TOKENIZER_FILES, _expected_params, _is_output
-from .destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, check_replaceable, destination,
-                          remove_stale, signals_as_errors, staged)  # fmt: skip
+from .destination import SPACE_MARGIN, check_no_overlap, check_replaceable, claimed, destination, staged
 from .layout import BLOCKS, CONCAT, COPY, HF, INTERLEAVE, MLXLM, MLXLM_MODULES, quantizable, source_keys
 from .source import INDEX, ConversionError, read_headers
 
@@ -323,8 +322,9 @@ def export(
         raise ConversionError(f"unknown export format {fmt!r} (one of {', '.join(FORMATS)})")
     given = dst
     dst = destination(dst)
+    taken = f"{given}: already exists (use --force to replace an earlier export or conversion)"
     if (dst.exists() or dst.is_symlink()) and not force:
-        raise ConversionError(f"{given}: already exists (use --force to replace an earlier export or conversion)")
+        raise ConversionError(taken)
     m = open_model(model)
     check_no_overlap([m.root], dst)
     if dst.exists() or dst.is_symlink():
@@ -338,22 +338,14 @@ def export(
     shards = split_into_shards(pieces, lambda p: p.nbytes, shard_bytes)
     total = sum(p.nbytes for p in pieces)
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    with signals_as_errors(dst):
-        if not dst.parent.is_dir():
-            check_free_space(dst.parent, total + SPACE_MARGIN)
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConversionError(f"{dst.parent}: cannot create it ({e.strerror})") from None
-        with DestinationLock(dst):
-            for p in remove_stale(dst):
-                print(f"note: removed {p}, left by an interrupted conversion or export", file=sys.stderr)
-            if dst.exists() or dst.is_symlink():  # another export may have finished meanwhile
-                if not force:
-                    raise ConversionError(f"{given}: already exists (use --force to replace an earlier export or conversion)")
-                _check_replaceable(dst)
-            check_free_space(dst.parent, total + SPACE_MARGIN)
-            _write(m, fmt, shards, total, dst, notes, show)
+
+    def recheck() -> None:
+        if not force:
+            raise ConversionError(taken)
+        _check_replaceable(dst)
+
+    with claimed(dst, total + SPACE_MARGIN, recheck, "conversion or export"):
+        _write(m, fmt, shards, total, dst, notes, show)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return dst
