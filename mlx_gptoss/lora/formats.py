@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -315,7 +312,9 @@ def export_peft(model_or_adapter: Any, dst: str | Path, *, spec: LoRASpec | None
         "init_lora_weights": True, "inference_mode": True, "task_type": None, "rank_pattern": {},
         "alpha_pattern": {}, "base_model_name_or_path": base_name,
     }  # fmt: skip
-    return _write_folder(Path(dst), PEFT_WEIGHTS, out, config)
+    from .io import write_folder
+
+    return write_folder(Path(dst), PEFT_WEIGHTS, out, {"format": "pt"}, config)  # torch readers expect "pt"
 
 
 def _spec_of(model: Any, flat: dict[str, mx.array]) -> LoRASpec:
@@ -329,28 +328,6 @@ def _spec_of(model: Any, flat: dict[str, mx.array]) -> LoRASpec:
     layers = sorted({int(k.split(".")[1]) for k in flat})
     return LoRASpec(rank=rank, alpha=scales.pop() * rank, targets=targets,
                     layers=None if layers == list(range(len(model.layers))) else layers)  # fmt: skip
-
-
-def _write_folder(dst: Path, weights: str, tensors: dict[str, mx.array], config: dict[str, Any]) -> Path:
-    """The folder written whole or not at all: built beside ``dst``, then renamed into place."""
-    if dst.exists() and any(dst.iterdir()) and not (dst / CONFIG).is_file():
-        raise LoRAError(f"{dst}: exists and is not an adapter folder; choose another destination")
-    text = json.dumps(config, indent=2)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
-    try:
-        mx.save_safetensors(str(tmp / weights), tensors, metadata={"format": "pt"})  # torch readers expect "pt"
-        (tmp / CONFIG).write_text(text + "\n")
-        old = dst.with_name(tmp.name + ".old") if dst.exists() else None
-        if old is not None:
-            os.rename(dst, old)
-        os.rename(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
 
 
 def _dims(cfg: Any) -> dict[str, tuple[int, int]]:

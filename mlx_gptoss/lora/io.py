@@ -100,20 +100,28 @@ def save_adapter(
     params = lora_parameters(model)
     if not params:
         raise LoRAError("the model has no adapters to save (apply_lora first)")
-    if dst.exists() and any(dst.iterdir()) and not (dst / CONFIG).is_file():
-        raise LoRAError(f"{dst}: exists and is not an adapter folder; choose another destination")
     config = {"format": FORMAT, "version": VERSION, **spec.to_dict(),
               "base_model": {"fingerprint": base_fingerprint, **({"name": base_name} if base_name else {})}}  # fmt: skip
     if extra is not None:
         config["extra"] = extra
+    tensors = {k: v.astype(mx.float32) for k, v in params.items()}
+    return write_folder(dst, WEIGHTS, tensors, {"format": FORMAT}, config)
+
+
+def write_folder(dst: Path, weights: str, tensors: dict[str, mx.array], metadata: dict[str, str],
+                 config: dict[str, Any]) -> Path:  # fmt: skip
+    """An adapter folder (``weights`` + ``adapter_config.json``) written whole or not at all: built
+    beside ``dst``, synced, then renamed into place; an existing adapter folder at ``dst`` is
+    replaced, any other non-empty folder refused. Returns ``dst``."""
+    if dst.exists() and any(dst.iterdir()) and not (dst / CONFIG).is_file():
+        raise LoRAError(f"{dst}: exists and is not an adapter folder; choose another destination")
     text = json.dumps(config, indent=2)  # before any file is written: a bad ``extra`` fails here
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        mx.save_safetensors(str(tmp / WEIGHTS), {k: v.astype(mx.float32) for k, v in params.items()},
-                            metadata={"format": FORMAT})  # fmt: skip
+        mx.save_safetensors(str(tmp / weights), tensors, metadata=metadata)
         (tmp / CONFIG).write_text(text + "\n")
-        for f in (WEIGHTS, CONFIG):
+        for f in (weights, CONFIG):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
         old = None
