@@ -31,7 +31,6 @@ the other modules zero-padded).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -369,12 +368,9 @@ def _number(v: Any) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoRAError(f"{path}: not found; {path.parent} is not an adapter folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoRAError(f"{path}: not valid JSON ({e})") from None
+    from .io import read_json
+
+    cfg = read_json(path, f"{path.parent} is not an adapter folder")
     if not isinstance(cfg, dict):
         raise LoRAError(f"{path}: expected a JSON object")
     return cfg

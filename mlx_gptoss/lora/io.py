@@ -138,15 +138,20 @@ def write_folder(dst: Path, weights: str, tensors: dict[str, mx.array], metadata
     return dst
 
 
+def read_json(path: Path, missing: str) -> Any:
+    """The JSON value in ``path``; a LoRAError naming it when it is absent (saying ``missing``) or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoRAError(f"{path}: not found; {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoRAError(f"{path}: not valid JSON ({e})") from None
+
+
 def read_adapter_config(src: str | Path) -> dict[str, Any]:
     """The checked ``adapter_config.json`` of our format in folder ``src``."""
     path = Path(src) / CONFIG
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise LoRAError(f"{path}: not found; {src} is not an mlx-gptoss adapter folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LoRAError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path, f"{src} is not an mlx-gptoss adapter folder")
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise LoRAError(f"{path}: field 'format' must be {FORMAT!r}")
     if cfg.get("version") != VERSION:
