@@ -201,29 +201,36 @@ def lora_parameter_count(config: GptOssConfig, spec) -> int:  # noqa: ANN001 (a 
     return per_layer * len(spec.layer_ids(config.num_hidden_layers))
 
 
+# Measured on MLX 0.32.4 (CPU) with the real widths (benchmarks/bench_lora_memory.py): the backward of
+# attention with sinks holds ~4.3-5.2 float32 copies of the scores [B, Hq, T, T] (T = 1024 and 256);
+# a checkpointed loss chunk through the 8-bit unembedding holds ~5 float32 copies of its logits
+# [c, V] at a training step's peak (logits, their float32 casts, the softmax and its gradient).
+ATTENTION_COPIES = 4.5
+LOSS_CHUNK_COPIES = 5
+
+
 def training_activation_bytes(config: GptOssConfig, seq_len: int, *, batch_size: int = 1, loss_chunk: int = 256,
                               float_bytes: int = 2) -> dict[str, int]:  # fmt: skip
     """Peak activations of one training step with per-block checkpointing (lora/train.py), by part.
 
     - saved block inputs: each block's input [B, T, H] (and the final one) stays for the backward;
     - one block recomputed: its forward and backward together, the only block live at a time:
-      attention scores, probabilities and their gradient [B, Hq, T, T] float32; the MoE's N·K
-      (token, expert) pairs in float32 (the CPU path) — each pair's input, gate_up pre-activation,
-      SwiGLU output and down output [NK, 2H + 3I], twice (values and gradients); and the block's
-      [B, T, H]-sized temporaries (norms, residuals, q/k/v, their gradients);
-    - the loss chunk: ``loss_chunk`` rows of logits [c, V] in the model's dtype and float32, and
-      the gradient of the float32 ones.
+      attention scores, probabilities and their gradients (:data:`ATTENTION_COPIES` x [B, Hq, T, T]
+      float32); the MoE's N·K (token, expert) pairs in float32 (the CPU path) — each pair's input,
+      gate_up pre-activation, SwiGLU output and down output [NK, 2H + 3I], twice (values and
+      gradients); and the block's [B, T, H]-sized temporaries (norms, residuals, q/k/v, gradients);
+    - the loss chunk: ``loss_chunk`` rows of logits, :data:`LOSS_CHUNK_COPIES` x [c, V] float32.
     """
     B, T, H, I, V = batch_size, seq_len, config.hidden_size, config.intermediate_size, config.vocab_size
     NK = B * T * config.num_experts_per_tok
-    attention = 3 * B * config.num_attention_heads * T * T * 4
+    attention = int(ATTENTION_COPIES * B * config.num_attention_heads * T * T * 4)
     moe = 2 * NK * (2 * H + 3 * I) * 4
     temporaries = 16 * B * T * max(H, config.qkv_dim) * 4
     chunk = min(loss_chunk, B * T)
     return {
         "saved block inputs": (config.num_hidden_layers + 1) * B * T * H * float_bytes,
         "one block recomputed": attention + moe + temporaries,
-        "loss chunk": chunk * V * (float_bytes + 2 * 4),
+        "loss chunk": LOSS_CHUNK_COPIES * chunk * V * 4,
     }
 
 
@@ -239,7 +246,8 @@ def plan_training(
     float_bytes: int = 2,
 ) -> MemoryPlan:
     """The memory plan of LoRA training: the weights (placed as :func:`plan_memory` places them),
-    the adapters, their gradients and AdamW's two moments (float32), and the activations of one
+    the adapters, their gradients and AdamW's two moments (float32) and its update's new copies of
+    them, and the activations of one
     step on ``batch_size`` sequences of ``max_seq_len`` tokens (:func:`training_activation_bytes`).
     No KV cache: training runs whole sequences. Raises :class:`BudgetError` when ``budget`` cannot
     hold it with ``num_experts_per_tok`` expert slots per layer.
@@ -251,6 +259,8 @@ def plan_training(
         Component(f"adapters ({P / 1e6:.1f}M params, float32)", 4 * P, "MLX"),
         Component("adapter gradients", 4 * P, "MLX"),
         Component("AdamW state (2 moments)", 8 * P, "MLX"),
+        # the update makes new moments and adapters (and a temporary) before the old ones are freed
+        Component("AdamW update (new copies)", 16 * P, "MLX"),
     ] + [Component(f"{name} (T={max_seq_len}, B={batch_size})", n, "MLX") for name, n in acts.items()]
     why = f"training on {batch_size} x {max_seq_len} tokens (adapters, optimizer and activations {sum(c.nbytes for c in extra) / GB:.2f} GB)"
     plan = _fit(config, tensors, budget, extra, float_bytes, why, "a shorter --max-seq-len or a smaller rank")
