@@ -85,33 +85,16 @@ class Job:
             except RuntimeError:  # the loop is closed: nobody listens any more
                 self._cancel.set()
 
-    def _claim(self) -> None:
-        if self._taken:
-            raise RuntimeError("a job's events can be read once, by events() or aevents()")
-        self._taken = True
-
     def events(self) -> Iterator[Event | Done]:
         """The job's events as they come (blocking); the last is ``Done(reply)``."""
-        self._claim()
-        finished = False
-        try:
-            while True:
-                item = self._q.get()
-                if isinstance(item, _Failed):
-                    finished = True
-                    raise item.error
-                yield item
-                if isinstance(item, Done):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.cancel()
+        with _Reading(self) as r:
+            while r.more():
+                yield r.took(self._q.get())
 
     async def aevents(self) -> AsyncIterator[Event | Done]:
         """The job's events in an asyncio loop, which never waits on the model; the last is
         ``Done(reply)``. Events cross from the worker with ``call_soon_threadsafe``."""
-        self._claim()
+        r = _Reading(self)
         aq: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._loop, self._aq = asyncio.get_running_loop(), aq
@@ -120,20 +103,40 @@ class Job:
                     aq.put_nowait(self._q.get_nowait())
                 except queue.Empty:
                     break
-        finished = False
-        try:
-            while True:
-                item = await aq.get()
-                if isinstance(item, _Failed):
-                    finished = True
-                    raise item.error
-                yield item
-                if isinstance(item, Done):
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.cancel()
+        with r:
+            while r.more():
+                yield r.took(await aq.get())
+
+
+class _Reading:
+    """The one reading of a job's events, shared by both iterators: a worker's failure is raised,
+    and a reader that leaves before the end (resuming past ``Done``, or a failure) cancels the job."""
+
+    def __init__(self, job: Job) -> None:
+        if job._taken:
+            raise RuntimeError("a job's events can be read once, by events() or aevents()")
+        job._taken = True
+        self.job, self.over, self._last = job, False, None
+
+    def more(self) -> bool:
+        """Whether to read on; asked after each yield, so a reader leaving at ``Done`` still cancels."""
+        self.over = isinstance(self._last, Done)
+        return not self.over
+
+    def took(self, item: Any) -> Event | Done:
+        """The event to yield; a failure is raised instead (the job is over: nothing to cancel)."""
+        if isinstance(item, _Failed):
+            self.over = True
+            raise item.error
+        self._last = item
+        return item
+
+    def __enter__(self) -> "_Reading":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.over:
+            self.job.cancel()
 
 
 class Engine:
