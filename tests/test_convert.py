@@ -16,6 +16,7 @@ from mlx_gptoss_convert import ConversionError, convert
 from mlx_gptoss_convert.synthetic import write_release
 
 from conftest import TINY
+from helpers import fail_write_at, leftovers
 
 
 def tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -24,10 +25,6 @@ def tensors(folder: Path) -> dict[str, np.ndarray]:
         for name, info in read_header(f)[0].items():
             out[name] = np.frombuffer(info.read_bytes(), dtype=np.uint8)
     return out
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.fixture(scope="module")
@@ -209,20 +206,7 @@ def test_existing_destination_needs_force(releases, tmp_path):
 
 def test_failure_midway_leaves_nothing(releases, tmp_path, monkeypatch):
     """An error after writing has started removes the partial output."""
-    import importlib
-
-    conv = importlib.import_module("mlx_gptoss_convert.convert")
-
-    calls = {"n": 0}
-    real = conv.SafetensorsWriter.write
-
-    def flaky(self, name, data):
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise OSError("disk full")
-        return real(self, name, data)
-
-    monkeypatch.setattr(conv.SafetensorsWriter, "write", flaky)
+    fail_write_at(monkeypatch, 20)
     with pytest.raises(OSError, match="disk full"):
         convert(releases["hf"], tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

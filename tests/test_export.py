@@ -28,6 +28,7 @@ from mlx_gptoss_convert.synthetic import write_release
 
 pytest.importorskip("mlx_lm")
 from test_parity import BOUND, relative_error  # noqa: E402  (the parity test's measure and bound)
+from helpers import fail_write_at, leftovers  # noqa: E402
 
 CFG = GptOssConfig.tiny(rope_scaling=YarnScaling(factor=1.0))
 Q8 = {"attention": QuantSpec(), "lm_head": QuantSpec(), "embed_tokens": QuantSpec()}
@@ -46,10 +47,6 @@ def tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...], bytes, str]]:
 def by_file(t: dict) -> set[frozenset[str]]:
     """The sets of tensor names held together in one file."""
     return {frozenset(n for n in t if t[n][3] == f) for f in {v[3] for v in t.values()}}
-
-
-def leftovers(parent: Path) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.fixture(scope="module")
@@ -232,19 +229,7 @@ def test_missing_tensor_is_named(models, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(models, tmp_path, monkeypatch):
-    import importlib
-
-    ex = importlib.import_module("mlx_gptoss_convert.export")
-    calls = {"n": 0}
-    real = ex.SafetensorsWriter.write
-
-    def flaky(self, name, data):
-        calls["n"] += 1
-        if calls["n"] == 20:
-            raise OSError("disk full")
-        return real(self, name, data)
-
-    monkeypatch.setattr(ex.SafetensorsWriter, "write", flaky)
+    fail_write_at(monkeypatch, 20)
     with pytest.raises(OSError, match="disk full"):
         export(models["ours"], tmp_path / "out", fmt="hf")
     assert list(tmp_path.iterdir()) == []
