@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
-from mlx_gptoss.chat import Done, Reply  # noqa: E402
+from mlx_gptoss.chat import Done, Reply, _accumulate  # noqa: E402
 from mlx_gptoss.harmony import (FinalDelta, ReasoningDelta, ToolCall, ToolCallCompleted, ToolCallDelta,  # noqa: E402
                                 ToolCallStarted)  # fmt: skip
 from mlx_gptoss.server.app import create_app  # noqa: E402
@@ -56,12 +56,7 @@ class FakeJob:
                 await asyncio.sleep(self.delay)
                 ev = self.script[i] if i < len(self.script) else FinalDelta("x")
                 i += 1
-                if isinstance(ev, FinalDelta):
-                    reply.final += ev.text
-                elif isinstance(ev, ReasoningDelta):
-                    reply.reasoning += ev.text
-                elif isinstance(ev, ToolCallCompleted):
-                    reply.tool_calls.append(ev.call)
+                _accumulate(reply, ev)  # the reply the real session builds from the same events
                 yield ev
             yield Done(reply)
         finally:
