@@ -98,12 +98,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raw = f.read(n)
     except FileNotFoundError:
         raise SafetensorsError(f"{path}: file not found") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except UnicodeDecodeError as e:
-        raise SafetensorsError(f"{path}: header is not UTF-8 ({e})") from None
-    except (json.JSONDecodeError, _DuplicateKey) as e:
-        raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    header = _strict_json(raw, f"{path}: header is")
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header must be a JSON object, found {_kind(header)}")
     metadata = _metadata(path, header.pop("__metadata__", None))
@@ -141,13 +136,10 @@ def read_index(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     try:
-        index = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SafetensorsError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise SafetensorsError(f"{path}: not UTF-8 ({e})") from None
-    except (json.JSONDecodeError, _DuplicateKey) as e:
-        raise SafetensorsError(f"{path}: not valid JSON ({e})") from None
+    index = _strict_json(raw, f"{path}:")
     if not isinstance(index, dict):
         raise SafetensorsError(f"{path}: expected a JSON object, found {_kind(index)}")
     if "metadata" in index and not isinstance(index["metadata"], (dict, type(None))):
@@ -176,6 +168,17 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateKey(f"key {k!r} appears twice")
         out[k] = v
     return out
+
+
+def _strict_json(raw: bytes, where: str) -> Any:
+    """``raw`` parsed as UTF-8 JSON with no key twice in an object; else a SafetensorsError
+    "``where`` not UTF-8 / not valid JSON (why)"."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        raise SafetensorsError(f"{where} not UTF-8 ({e})") from None
+    except (json.JSONDecodeError, _DuplicateKey) as e:
+        raise SafetensorsError(f"{where} not valid JSON ({e})") from None
 
 
 def _kind(v: Any) -> str:
