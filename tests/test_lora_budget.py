@@ -79,10 +79,15 @@ def _assert_same(got, want):
 
 
 @pytest.mark.parametrize("T", [1, 40])  # 1 token: its 4 experts fit the slots; 40: grouped, 8 experts > 4 slots
-def test_budget_gives_the_same_loss_and_adapter_gradients(pair, T):
+@pytest.mark.parametrize("train_mode", [False, True])  # True: StreamedMoE's group-by-group custom vjp
+def test_budget_gives_the_same_loss_and_adapter_gradients(pair, T, train_mode):
     base, small = pair
     batch = _batch(T + 1, seed=T)
-    _assert_same(_loss_and_grads(small, batch), _loss_and_grads(base, batch))
+    small.train(train_mode)
+    try:
+        _assert_same(_loss_and_grads(small, batch), _loss_and_grads(base, batch))
+    finally:
+        small.eval()
 
 
 def test_slots_refilled_between_forward_and_recomputation_do_not_change_gradients(pair):
@@ -91,9 +96,12 @@ def test_slots_refilled_between_forward_and_recomputation_do_not_change_gradient
     base, small = pair
     batch, other = _batch(30, seed=7), mx.array(np.random.default_rng(8).integers(0, TINY.vocab_size, (1, 25)))
     want = _loss_and_grads(base, batch)
-    misses = sum(small.stream_stats.misses)
-    _assert_same(_loss_and_grads(small, batch, between=lambda m: m(other)), want)
-    assert sum(small.stream_stats.misses) > misses
+    for train_mode in (False, True):
+        small.train(train_mode)
+        misses = sum(small.stream_stats.misses)
+        _assert_same(_loss_and_grads(small, batch, between=lambda m: m(other)), want)
+        assert sum(small.stream_stats.misses) > misses
+    small.eval()
 
 
 def test_logits_with_an_adapter_equal_with_and_without_budget(pair):
