@@ -278,9 +278,7 @@ class StreamedMoE(nn.Module):
             nxt.prefetch([int(e) for e, _ in sorted(zip(*np.unique(np.array(guess), return_counts=True)), key=lambda t: -t[1])])
         self._shared.stats.tokens += ids.shape[0] if self._layer == 0 else 0
         uniq = [int(e) for e in np.unique(ids)]
-        if self.training:
-            y = kernels.combine_experts(self._pairs_trained(x, ids, uniq), weights).astype(x.dtype)
-        elif len(uniq) <= self._S:
+        if len(uniq) <= self._S:
             self._ensure(uniq, set(uniq))
             y = self._dispatch(x, ids, weights)
         else:
@@ -331,60 +329,6 @@ class StreamedMoE(nn.Module):
             per_pair[mx.array(n_idx), mx.array(k_idx)] = y[:, 0].astype(mx.float32)
             mx.eval(per_pair)  # the next group may overwrite these slots
         return kernels.combine_experts(per_pair, weights).astype(x.dtype)
-
-    def _group_pairs(self, x: mx.array, ids: np.ndarray, group: list[int], lora: tuple) -> tuple[np.ndarray, np.ndarray, mx.array]:
-        """Make ``group`` resident; its (token, k) pairs and their unweighted outputs [P, H]."""
-        self._ensure(group, set(group))
-        n_idx, k_idx = np.nonzero(np.isin(ids, group))
-        delta = None
-        if lora:
-            expert_of = np.zeros(self._S, dtype=np.uint32)
-            for e, s in self._slot_of.items():
-                expert_of[s] = e
-            delta = kernels.ExpertsDelta(*lora, self.experts_lora.scale).select(mx.array(expert_of))
-        w = self._w
-        y = kernels.moe_mxfp4_pairs(
-            x[mx.array(n_idx)], self._slots(ids[n_idx, k_idx])[:, None], w["gate_up.weight"], w["gate_up.scales"],
-            w["gate_up.bias"], w["down.weight"], w["down.scales"], w["down.bias"], limit=self.limit, alpha=self.alpha, delta=delta,
-        )  # fmt: skip
-        return n_idx, k_idx, y[:, 0].astype(mx.float32)
-
-    def _pairs_trained(self, x: mx.array, ids: np.ndarray, uniq: list[int]) -> mx.array:
-        """Each (token, k) pair's expert output [N, K, H] float32, differentiable, S experts at a time.
-
-        Under ``mx.grad`` an array evaluated inside the transform keeps its graph: every slot write
-        would keep a copy of the layer's slots alive until the step ends (measured: 16.8 GB for a
-        2-layer real-width model at T = 64). So the forward and the backward (a custom vjp) each run
-        group by group, evaluate, and keep only host copies of the results: slots are rewritten in
-        place, and the backward reads its experts again by id (the same bytes, the same computation).
-        """
-        N, K = ids.shape
-        groups = [uniq[i : i + self._S] for i in range(0, len(uniq), self._S)]
-        lora = () if self.experts_lora is None else tuple(self.experts_lora.delta()[:4])
-
-        @mx.custom_function
-        def pairs(x, *lora):
-            out = np.zeros((N, K, x.shape[-1]), dtype=np.float32)
-            for group in groups:
-                n_idx, k_idx, y = self._group_pairs(x, ids, group, lora)
-                out[n_idx, k_idx] = np.array(y)  # a host copy: the group's graph (and slot version) is freed
-            return mx.array(out)
-
-        @pairs.vjp
-        def pairs_vjp(primals, cotangent, _output):
-            grads = [np.zeros(p.shape, dtype=np.float32) for p in primals]
-            for group in groups:
-                n_idx, k_idx, _ = self._group_pairs(primals[0], ids, group, primals[1:])  # resident by id again
-
-                def f(*p, n_idx=n_idx, group=group):
-                    return self._group_pairs(p[0], ids, group, p[1:])[2]
-
-                _, g = mx.vjp(f, list(primals), [cotangent[mx.array(n_idx), mx.array(k_idx)]])
-                for acc, gi in zip(grads, g):
-                    acc += np.array(gi.astype(mx.float32))
-            return tuple(mx.array(g).astype(p.dtype) for g, p in zip(grads, primals))
-
-        return pairs(x, *lora)
 
     def _next_layer(self) -> "StreamedMoE | None":
         layers = self._shared.layers
