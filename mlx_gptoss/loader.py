@@ -199,7 +199,9 @@ def load(
     if memory_budget is not None:
         _apply_budget(model, path, memory_budget, context, dtype, prefetch, verbose)
     if adapter is not None:
-        _attach(model, adapter)
+        from .lora.io import load_adapter
+
+        load_adapter(model, adapter)
     changed = [f.name for f, before in shards.items() if _file_id(f) != before]
     if changed:
         raise LoadError(f"{path}: {', '.join(changed)} changed while the model was loading (a conversion writing there?); load it again")
@@ -208,15 +210,6 @@ def load(
     model.tokenizer = Tokenizer(path)
     model.path = path
     return model
-
-
-def _attach(model, adapter: str | Path) -> None:
-    from .lora.fuse import attach_adapter
-
-    try:
-        attach_adapter(model, adapter)
-    except NotImplementedError as e:  # expert adapters on experts a memory budget streams from disk
-        raise LoadError(f"{adapter}: {e}") from None
 
 
 def _file_id(f: Path) -> tuple[int, ...] | None:

@@ -78,7 +78,7 @@ def detect_adapter_format(folder: str | Path) -> str:
     """
     folder = Path(folder)
     cfg = _read_json(folder / CONFIG)
-    if cfg.get("format") == "mlx-gptoss-lora":
+    if "format" in cfg and "lora_parameters" not in cfg:  # ours (its format and version checked when read)
         return "mlx-gptoss"
     if "peft_type" in cfg:
         return "peft"

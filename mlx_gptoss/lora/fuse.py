@@ -1,6 +1,6 @@
 """Serving adapters: attach one to a loaded model (unfused), or merge it into a new checkpoint.
 
-Unfused (:func:`attach_adapter`, ``load(..., adapter=DIR)``) the base stays as stored and the
+Unfused (:func:`~mlx_gptoss.lora.io.load_adapter`, ``load(..., adapter=DIR)``) the base stays as stored and the
 expert update is computed for the routed experts only. :func:`fuse` writes a converted checkpoint
 whose attention and router weights hold the update (W + scale·B·A), re-quantized where the base
 was quantized, every other tensor copied byte for byte; it reports the part of the update lost to
@@ -27,7 +27,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from .adapters import LoRAError, LoRAFusedLinear, LoRALinear, LoRASpec, apply_lora, remove_lora, set_lora_parameters
+from .adapters import LoRAFusedLinear, LoRALinear, LoRASpec, remove_lora
 from .io import load_adapter
 
 FUSE_RECORD = "fused_adapter.json"  # beside the fused weights: which adapter, and the fuse report
@@ -38,31 +38,6 @@ _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 class FuseError(ValueError):
     """A fuse that cannot be done (expert adapters, a bad destination); the message says why."""
-
-
-def attach_adapter(model: Any, src: str | Path) -> LoRASpec:
-    """Put the adapter in folder ``src`` on ``model``, unfused; returns its spec.
-
-    Our folders are checked against the model's base fingerprint
-    (:func:`~mlx_gptoss.lora.io.load_adapter`); PEFT and mlx-lm folders, which record no
-    fingerprint, are read by :func:`~mlx_gptoss.lora.formats.read_adapter` and checked by shape.
-    Raises :class:`LoRAError` naming the folder; on any error the model is left without adapters.
-    """
-    from .formats import detect_adapter_format, read_adapter
-
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise LoRAError(f"{src}: no such adapter folder")
-    if detect_adapter_format(src) == "mlx-gptoss":
-        return load_adapter(model, src)
-    spec, flat = read_adapter(src, model)
-    apply_lora(model, spec)
-    try:
-        set_lora_parameters(model, flat, source=str(src))
-    except BaseException:
-        remove_lora(model)
-        raise
-    return spec
 
 
 def mxfp4_update_loss(codes: mx.array, scales: mx.array, delta: mx.array, *, keep_scales: bool = False) -> float:
@@ -188,7 +163,7 @@ def fuse(
         raise FuseError(f"{given}: already exists; fuse writes a new folder (choose another name)")
     check_no_overlap([src, adapter_dir], out)
     model = load(src, dtype=mx.float32)
-    spec = attach_adapter(model, adapter_dir)
+    spec = load_adapter(model, adapter_dir)
     if "experts" in spec.targets:
         raise FuseError(_experts_refusal(model, spec, src, adapter_dir, experts_bf16))
     infos = {}
@@ -352,8 +327,6 @@ def _write_metadata(src: Path, tmp: Path, adapter_dir: Path, spec: LoRASpec, inf
 def _reference(unfused: Any, n: int, seed: int, report: FuseReport) -> tuple[mx.array, mx.array]:
     """n random token ids [1, n] and the unfused model's next-token log-probabilities on them; the
     adapter's own effect, KL(unfused ‖ base), goes into the report for scale (adapters removed after)."""
-    from .adapters import remove_lora
-
     ids = mx.array(np.random.default_rng(seed).integers(0, unfused.config.vocab_size, (1, n)))
     ref = _log_softmax(unfused(ids))
     mx.eval(ref)

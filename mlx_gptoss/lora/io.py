@@ -163,13 +163,35 @@ def read_adapter_config(src: str | Path) -> dict[str, Any]:
 
 
 def load_adapter(model: Any, src: str | Path) -> LoRASpec:
-    """Check the adapter folder ``src`` against ``model`` and apply it; returns its spec.
+    """Check the adapter folder ``src`` against ``model`` and apply it, unfused; returns its spec.
 
+    Our folders are checked against the model's base fingerprint; PEFT and mlx-lm folders, which
+    record none, are read by :func:`~mlx_gptoss.lora.formats.read_adapter` and checked by shape.
     Refused with a :class:`LoRAError` naming the file (and key): another base model (both
     fingerprints named), a bad config, a missing, extra, mis-shaped, non-float or non-finite
     tensor, a truncated or corrupt weights file. On any error the model is left without adapters.
     """
-    src = Path(src)
+    from .formats import detect_adapter_format, read_adapter  # formats builds on this module
+
+    src = Path(src).expanduser()
+    if not src.is_dir():
+        raise LoRAError(f"{src}: no such adapter folder")
+    if detect_adapter_format(src) != "mlx-gptoss":
+        spec, flat = read_adapter(src, model)
+        source = str(src)
+    else:
+        spec, flat = _read_ours(model, src)
+        source = str(src / WEIGHTS)
+    apply_lora(model, spec)
+    try:
+        set_lora_parameters(model, flat, source=source)
+    except BaseException:
+        remove_lora(model)
+        raise
+    return spec
+
+
+def _read_ours(model: Any, src: Path) -> tuple[LoRASpec, dict[str, mx.array]]:
     cfg = read_adapter_config(src)
     fields = {k: v for k, v in cfg.items() if k not in ("format", "version", "base_model", "extra")}
     try:
@@ -183,14 +205,7 @@ def load_adapter(model: Any, src: str | Path) -> LoRASpec:
             f"{src}: this adapter was trained on another base model ({want}{f', {name}' if name else ''}); "
             f"the loaded model is {have}"
         )
-    flat = _read_weights(src / WEIGHTS)
-    apply_lora(model, spec)
-    try:
-        set_lora_parameters(model, flat, source=str(src / WEIGHTS))
-    except BaseException:
-        remove_lora(model)
-        raise
-    return spec
+    return spec, _read_weights(src / WEIGHTS)
 
 
 def _read_weights(path: Path) -> dict[str, mx.array]:
