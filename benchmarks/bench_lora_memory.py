@@ -6,8 +6,9 @@
         --json bench-out/lora-memory.json --markdown bench-out/lora-memory.md
 
 For each sequence length T (batch 1, every position trained): LoRA (rank 8 on attention and the
-experts of every layer) on the model, one AdamW step through lora/train.py's loss (each block
-recomputed in the backward, the loss in unembedding chunks), after a first short step that
+experts of every layer) on the model, one AdamW step through lora/train.py's layer-wise backward
+(:func:`~mlx_gptoss.lora.train.loss_and_grads`: one block's graph at a time, the loss in
+unembedding chunks), after a first short step that
 allocates the optimizer state. The step's MLX peak (``mx.get_peak_memory`` after
 ``mx.reset_peak_memory``) minus what was resident before it (weights, adapters, optimizer state)
 and the gradients is the measured step peak, set beside the planner's
@@ -29,14 +30,13 @@ from bench_e2e import machine, peak_rss_gb, write_outputs  # noqa: E402
 
 def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None = None) -> list[dict]:
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
     import numpy as np
     from mlx.utils import tree_flatten
 
     import mlx_gptoss
     from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
-    from mlx_gptoss.lora.train import Batch, batch_loss
+    from mlx_gptoss.lora.train import Batch, loss_and_grads
     from mlx_gptoss.memory import training_activation_bytes
 
     budget = None
@@ -50,7 +50,6 @@ def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None =
     apply_lora(model, LoRASpec(rank=rank, alpha=2.0 * rank, targets=("attention", "experts")), seed=0)
     model.train()
     opt = optim.AdamW(learning_rate=1e-4)
-    step = nn.value_and_grad(model, lambda m, b: batch_loss(m, b, chunk=256, checkpoint=True))
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
     def run(T: int) -> tuple[int, int, float, float]:
@@ -62,7 +61,7 @@ def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None =
         before = mx.get_active_memory()
         mx.reset_peak_memory()
         t = time.perf_counter()
-        loss, grads = step(model, batch)
+        loss, grads = loss_and_grads(model, batch, chunk=256)
         opt.update(model, grads)
         mx.eval(loss, model.parameters(), opt.state)
         return before, mx.get_peak_memory(), time.perf_counter() - t, loss.item()

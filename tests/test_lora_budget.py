@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 import mlx_gptoss
 from mlx_gptoss.lora.adapters import LoRASpec, apply_lora, lora_parameters, set_lora_parameters
-from mlx_gptoss.lora.train import batch_loss, make_batch
+from mlx_gptoss.lora.train import batch_loss, loss_and_grads, make_batch
 from mlx_gptoss.memory import BudgetError, budget_for_slots, plan_memory, plan_training, read_tensors
 from mlx_gptoss.streaming import StreamedMoE
 
@@ -65,13 +65,13 @@ def _loss_and_grads(model, batch, between=None):
     return loss.item(), dict(tree_flatten(grads))
 
 
-def _assert_same(got, want):
+def _assert_same(got, want, experts=True):
     # the same float32 computation in another association (slot-indexed gathers, groups of experts):
     # equal to rounding, ~1e-6 of the norm after the backward through 4 layers; a wrong expert or a
     # missing update is off by orders of magnitude more
     (loss_g, g), (loss_w, w) = got, want
     assert abs(loss_g - loss_w) <= 1e-6 * abs(loss_w)
-    assert g.keys() == w.keys() and any(".experts_lora." in k for k in w)
+    assert g.keys() == w.keys() and any(".experts_lora." in k for k in w) == experts
     for k in w:
         a, b = np.array(g[k], dtype=np.float64), np.array(w[k], dtype=np.float64)
         assert np.linalg.norm(b) > 0, k  # every adapter gets a gradient (none silently skipped)
@@ -94,6 +94,68 @@ def test_slots_refilled_between_forward_and_recomputation_do_not_change_gradient
     misses = sum(small.stream_stats.misses)
     _assert_same(_loss_and_grads(small, batch, between=lambda m: m(other)), want)
     assert sum(small.stream_stats.misses) > misses
+
+
+def _some_layers(folder, budget, spec):
+    m = mlx_gptoss.load(folder, dtype=mx.float32, memory_budget=budget, context=256)
+    apply_lora(m, spec, seed=1)
+    rng = np.random.default_rng(2)
+    set_lora_parameters(m, {k: mx.array(rng.normal(0, 0.2, v.shape).astype(np.float32)) for k, v in lora_parameters(m).items()})
+    m.norm.unfreeze()  # a trainable parameter above the blocks too
+    return m
+
+
+def _layerwise(m, batch, seed=0):
+    loss, grads = loss_and_grads(m, batch, chunk=8, seed=seed)
+    mx.eval(loss, grads)
+    return loss.item(), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("budgeted", [False, True])  # with a budget: 40 tokens use all 8 experts, 4 slots
+def test_layerwise_gradients_equal_plain_gradients_with_adapters_on_some_layers(tiny_model_dir, budgeted):
+    # the trainer's backward (forward outside the transform, then one block's graph at a time, down
+    # to the lowest adapted layer) against the whole model's un-checkpointed gradient
+    budget = budget_for_slots(TINY, read_tensors(tiny_model_dir), 4, context=256, float_bytes=4) if budgeted else None
+    m = _some_layers(tiny_model_dir, budget, LoRASpec(rank=4, alpha=8.0, targets=("attention", "router", "experts"), layers=(1, 3)))
+    batch = _batch(41, seed=5)
+    got = _layerwise(m, batch)
+    loss, grads = nn.value_and_grad(m, lambda mm: batch_loss(mm, batch, chunk=1000, checkpoint=False))(m)
+    mx.eval(loss, grads)
+    want = (loss.item(), dict(tree_flatten(grads)))
+    assert "norm.weight" in got[1] and not any(k.startswith(("layers.0.", "layers.2.")) for k in got[1])
+    _assert_same(got, want)
+
+
+def test_layerwise_gradients_draw_the_forward_dropout_masks_again(tiny_model_dir):
+    # each block reseeds from (seed, layer) in the forward and in its recomputation, as the
+    # checkpointed loss does: the same loss and gradients as that loss under the same seed
+    m = _some_layers(tiny_model_dir, None, LoRASpec(rank=4, alpha=8.0, dropout=0.3, targets=("attention", "router"), layers=(2, 3)))
+    m.train()
+    batch = _batch(30, seed=6)
+    got = _layerwise(m, batch, seed=11)
+    loss, grads = nn.value_and_grad(m, lambda mm: batch_loss(mm, batch, chunk=8, checkpoint=True, seed=11))(m)
+    mx.eval(loss, grads)
+    m.eval()
+    _assert_same(got, (loss.item(), dict(tree_flatten(grads))), experts=False)
+    assert got[0] != pytest.approx(_layerwise(m, batch, seed=11)[0], rel=1e-6)  # dropout did change the loss
+
+
+def test_a_training_step_under_a_budget_needs_about_the_memory_of_one_without(tiny_model_dir, tmp_path):
+    # streamed slots are rewritten group by group: under a whole-model gradient transform every
+    # slot version a group computed with stayed alive for the step (8x the step's memory here)
+    from mlx_gptoss.lora.train import TrainConfig, train
+
+    example = _Ex([int(t) for t in np.random.default_rng(0).integers(0, TINY.vocab_size, 200)], [False] + [True] * 199)
+    step_bytes = {}
+    for name, budget in (("resident", None), ("budgeted", budget_for_slots(TINY, read_tensors(tiny_model_dir), 4, context=256, float_bytes=4))):
+        m = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32, memory_budget=budget, context=256)
+        apply_lora(m, LoRASpec(rank=4, targets=("attention", "experts")), seed=0)
+        mx.eval(m.parameters())
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        res = train(m, [example], None, TrainConfig(tmp_path / name, iterations=1, loss_chunk=64, save_every=0, eval_every=0))
+        step_bytes[name] = res.peak_memory_gb * 1e9 - before
+    assert 0 < step_bytes["budgeted"] < 1.5 * step_bytes["resident"], step_bytes
 
 
 def test_logits_with_an_adapter_equal_with_and_without_budget(pair):

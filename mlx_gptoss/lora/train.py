@@ -1,9 +1,10 @@
 """The training loop: AdamW over the trainable (adapter) parameters, memory-lean loss, resumable.
 
-Memory: each transformer block is recomputed in the backward pass (per-layer gradient
-checkpointing), and the loss is taken over the trained positions only, ``loss_chunk`` positions
-at a time through the unembedding, each chunk recomputed in the backward too, so [T, V] logits
-never exist at once.
+Memory: the forward pass runs block by block outside any gradient transform, keeping each
+block's input; the backward then recomputes one block at a time from the last down to the lowest
+one with adapters (:func:`loss_and_grads`), so no more than one block's graph lives at once. The
+loss is taken over the trained positions only, ``loss_chunk`` positions at a time through the
+unembedding, each chunk's backward done before the next chunk, so [T, V] logits never exist at once.
 
 The loss of one optimizer step is the mean cross-entropy over every trained token of the step's
 ``grad_accumulation`` micro-batches (the sum over all of them divided by their total count): so
@@ -34,7 +35,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from .. import kernels
 from ..generate import peak_rss_gb
@@ -256,11 +257,7 @@ def target_loss(model: nn.Module, h: mx.array, sel: mx.array, labels: mx.array, 
     h = mx.take(h.reshape(-1, H), sel, axis=0)  # [N, H]
 
     def chunk_ce(yc: mx.array) -> Callable[[mx.array], mx.array]:
-        # labels enter by closure: a checkpointed function differentiates all its inputs, and
-        # cross-entropy's gather has no gradient with respect to its indices
-        def ce(hc: mx.array) -> mx.array:
-            return nn.losses.cross_entropy(model.lm_head(hc).astype(mx.float32), yc, reduction="sum")
-
+        ce = _chunk_ce(model, yc)
         # a chunk's [chunk, V] logits are recomputed in the backward, not kept
         return nn.utils.checkpoint(model.lm_head, ce) if checkpoint else ce
 
@@ -270,10 +267,115 @@ def target_loss(model: nn.Module, h: mx.array, sel: mx.array, labels: mx.array, 
     return total
 
 
+def _chunk_ce(model: nn.Module, yc: mx.array) -> Callable[[mx.array], mx.array]:
+    """The summed cross-entropy of rows hc [n, H] against labels ``yc`` [n]."""
+
+    # labels enter by closure: a differentiated function differentiates all its inputs, and
+    # cross-entropy's gather has no gradient with respect to its indices
+    def ce(hc: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(model.lm_head(hc).astype(mx.float32), yc, reduction="sum")
+
+    return ce
+
+
 def batch_loss(model: nn.Module, batch: Batch, *, chunk: int = 256, checkpoint: bool = True, seed: int = 0) -> mx.array:
     """The summed cross-entropy over ``batch``'s trained tokens (divide by ``batch.n_targets`` for the mean)."""
     h = hidden_states(model, batch.ids, checkpoint=checkpoint, seed=seed)
     return target_loss(model, h, batch.sel, batch.labels, chunk=chunk, checkpoint=checkpoint)
+
+
+def loss_and_grads(model: nn.Module, batch: Batch, *, chunk: int = 256, seed: int = 0) -> tuple[mx.array, Any]:
+    """:func:`batch_loss` (checkpointed, same ``seed``) and its gradients with respect to
+    ``model.trainable_parameters()``, with at most one block's graph alive at a time.
+
+    The forward pass runs block by block outside any gradient transform, each block evaluated
+    and only its input [B, T, H] kept (the training planner's "saved block inputs"), so no slot
+    write of a streamed layer and no host sync of the routing holds a graph across blocks. The
+    head (final norm + chunked loss) is then differentiated with respect to the last hidden
+    state; each block, from the last down to the lowest one holding trainable parameters (nothing
+    below needs a gradient), runs again under :func:`mlx.core.vjp` with the gradient of its
+    output, giving its parameters' gradients and the gradient of its input. The loss is taken
+    ``chunk`` trained positions at a time, each chunk's forward and backward done before the
+    next. Each block reseeds MLX's random state from (``seed``, layer) in both passes, so adapter
+    dropout draws the same masks, as in :func:`hidden_states`.
+    """
+    layers, types = model.layers, model.config.layer_types
+    masks = model.masks(batch.ids.shape[1])
+    embed_trains = bool(_trainable(model.embed_tokens))
+    lowest = 0 if embed_trains else next((i for i, layer in enumerate(layers) if _trainable(layer)), len(layers))
+
+    def block(i: int) -> Callable[[mx.array], mx.array]:
+        def run(x: mx.array) -> mx.array:
+            mx.random.seed(_mix(seed, i))
+            return layers[i](x, masks[types[i]], None)
+
+        return run
+
+    x = model.embed_tokens(batch.ids)
+    mx.eval(x)
+    inputs: dict[int, mx.array] = {}
+    for i in range(len(layers)):
+        if i >= lowest:
+            inputs[i] = x
+        x = block(i)(x)
+        mx.eval(x)
+
+    def rows(x: mx.array) -> mx.array:  # [B, T, H] -> the trained positions' [N, H]
+        return mx.take(model.norm(x).reshape(-1, x.shape[-1]), batch.sel, axis=0)
+
+    # the loss chunk by chunk, each chunk's graph (its [chunk, V] logits) gone before the next
+    grads: dict[str, mx.array] = {}
+    h = rows(x)
+    mx.eval(h)
+    loss, g_rows = mx.array(0.0), []
+    for i in range(0, h.shape[0], chunk):
+        part, g_h = _vjp({"lm_head": model.lm_head}, _chunk_ce(model, batch.labels[i : i + chunk]), h[i : i + chunk], None, grads)
+        loss, g_rows = loss + part, g_rows + [g_h]
+    del h
+    _, g = _vjp({"norm": model.norm}, rows, x, mx.concatenate(g_rows) if g_rows else mx.zeros((0, x.shape[-1]), x.dtype), grads)
+    del x, g_rows
+    for i in reversed(range(lowest, len(layers))):
+        _, g = _vjp({f"layers.{i}": layers[i]}, block(i), inputs.pop(i), g, grads)
+    if embed_trains:
+        _vjp({"embed_tokens": model.embed_tokens}, model.embed_tokens, batch.ids, g, grads, wrt_input=False)
+    return loss, tree_map_with_path(lambda path, _: grads[path], model.trainable_parameters())
+
+
+def _vjp(parts: dict[str, nn.Module], fn: Callable[[mx.array], mx.array], x: mx.array, cotangent: mx.array | None,
+         out: dict[str, mx.array], *, wrt_input: bool = True) -> tuple[mx.array, mx.array | None]:  # fmt: skip
+    """Differentiate ``fn(x)`` (a scalar when ``cotangent`` is None) with respect to the trainable
+    parameters of ``parts`` (added to ``out`` as ``prefix.name``) and, when ``wrt_input``, ``x``.
+
+    Returns (the evaluated output, the evaluated gradient of ``x`` or None).
+    """
+    parts = {k: m for k, m in parts.items() if _trainable(m)}
+    names = [(k, name) for k, m in parts.items() for name, _ in _trainable(m)]
+    saved = {k: m.trainable_parameters() for k, m in parts.items()}
+    values = [v for k in parts for _, v in tree_flatten(saved[k])]
+    n_in = 1 if wrt_input else 0
+
+    def f(*primals: mx.array) -> list[mx.array]:
+        for k, m in parts.items():
+            m.update(tree_unflatten([(name, v) for (pk, name), v in zip(names, primals[n_in:]) if pk == k]))
+        return [fn(primals[0] if wrt_input else x)]
+
+    seed = mx.array(1.0) if cotangent is None else cotangent
+    try:
+        (value,), vjps = mx.vjp(f, ([x] if wrt_input else []) + values, [seed])
+    finally:
+        for k, m in parts.items():  # the module keeps its own arrays, not the transform's copies
+            m.update(saved[k])
+    gx = vjps[0] if wrt_input else None
+    mx.eval(value, vjps)
+    for (k, name), v in zip(names, vjps[n_in:]):
+        key = f"{k}.{name}"
+        out[key] = out[key] + v if key in out else v
+    return value, gx
+
+
+def _trainable(m: Any) -> list[tuple[str, mx.array]]:
+    """``m``'s trainable parameters, flat (none for a part that is no module, e.g. an embedding kept on the host)."""
+    return tree_flatten(m.trainable_parameters()) if isinstance(m, nn.Module) else []
 
 
 def _mix(*xs: int) -> int:
@@ -419,8 +521,12 @@ def train(
         opt_state = dict(tree_flatten(opt.state))
         return save_checkpoint(out, Checkpoint(dict(tree_flatten(model.trainable_parameters())), opt_state, state))
 
-    step_fn = nn.value_and_grad(model, lambda m, batch, seed: batch_loss(m, batch, chunk=cfg.loss_chunk,
-                                                                           checkpoint=cfg.grad_checkpoint, seed=seed))  # fmt: skip
+    if cfg.grad_checkpoint:  # one block's graph at a time (streamed experts' slot writes stay out of it)
+        def step_fn(m: nn.Module, batch: Batch, seed: int) -> tuple[mx.array, Any]:
+            return loss_and_grads(m, batch, chunk=cfg.loss_chunk, seed=seed)
+    else:
+        step_fn = nn.value_and_grad(model, lambda m, batch, seed: batch_loss(m, batch, chunk=cfg.loss_chunk,
+                                                                               checkpoint=False, seed=seed))  # fmt: skip
     result = TrainResult("completed", step, total, out, trained_tokens=trained_tokens, skipped_steps=skipped_steps)
     mx.reset_peak_memory()
     t_start, steps_here = time.perf_counter(), 0
