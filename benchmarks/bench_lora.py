@@ -1,6 +1,6 @@
 """LoRA training speed and memory: mlx-gptoss vs mlx-lm on the same weights, data and adapters, same run.
 
-    python benchmarks/make_checkpoint.py --size 20b --layers 1 /tmp/lora-release
+    python benchmarks/make_checkpoint.py --size 20b --layers 2 /tmp/lora-release
     mlx-gptoss convert /tmp/lora-release /tmp/lora-mlx
     python benchmarks/bench_lora.py --release /tmp/lora-release --converted /tmp/lora-mlx \\
         --seq-len 64 --steps 2 --json bench-out/lora.json --markdown bench-out/lora.md
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,7 +44,7 @@ def _count(params) -> int:
     return sum(v.size for _, v in tree_flatten(params))
 
 
-def run_ours(path: str, seqs: list[list[int]], rank: int, steps: int, out_dir: str) -> dict:
+def run_ours(path: str, seqs: list[list[int]], rank: int, steps: int) -> dict:
     import mlx.core as mx
 
     import mlx_gptoss
@@ -69,8 +70,9 @@ def run_ours(path: str, seqs: list[list[int]], rank: int, steps: int, out_dir: s
             if len(times) == 1:
                 mx.reset_peak_memory()  # the warm-up step's one-time allocations are not the steady state
 
-    cfg = TrainConfig(output_dir=out_dir, iterations=steps + 1, save_every=0, eval_every=0, warmup=0, seed=0)
-    result = train(model, examples, None, cfg, spec=spec, on_progress=on_progress)
+    with tempfile.TemporaryDirectory() as out_dir:  # the adapter and checkpoint are not the point here
+        cfg = TrainConfig(output_dir=out_dir, iterations=steps + 1, save_every=0, eval_every=0, warmup=0, seed=0)
+        result = train(model, examples, None, cfg, spec=spec, on_progress=on_progress)
     measured = times[1:]
     tokens = sum(len(s) - 1 for s in seqs[1 : steps + 1])
     return {"load_s": load_s, "warmup_s": times[0], "step_s": measured, "tok_s": tokens / sum(measured),
@@ -149,7 +151,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="/tmp/bench-lora-adapter", help="where our engine writes its adapter")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         vocab = mlx_gptoss.GptOssConfig.from_file(Path(args.converted) / "config.json").vocab_size
         seqs = _data(vocab, args.seq_len, args.steps + 1, args.seed)
         if args.worker == "mlx-gptoss":
-            res = run_ours(args.converted, seqs, args.rank, args.steps, args.out)
+            res = run_ours(args.converted, seqs, args.rank, args.steps)
         else:
             res = run_mlx_lm(args.release, seqs, args.rank, args.steps)
         print("RESULT " + json.dumps({"engine": args.worker, **res}), flush=True)
