@@ -16,10 +16,8 @@ is refused with the size it would have had.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,9 +147,8 @@ def fuse(
     :class:`FuseError` / :class:`LoRAError` (both ValueErrors) before anything is written.
     """
     from mlx_gptoss.loader import _shards, load, resolve_model
-    from mlx_gptoss.safetensors_io import fsync_dir, read_header
-    from mlx_gptoss_convert.destination import (SPACE_MARGIN, DestinationLock, check_free_space, check_no_overlap, destination,
-                                                remove_stale, signals_as_errors)  # fmt: skip
+    from mlx_gptoss.safetensors_io import read_header
+    from mlx_gptoss_convert.destination import SPACE_MARGIN, check_no_overlap, claimed, destination, staged
 
     if dtype is not None and dtype not in _DTYPES:
         raise FuseError(f"dtype must be one of {', '.join(_DTYPES)} (or None for the base's), got {dtype!r}")
@@ -173,43 +170,23 @@ def fuse(
     merged_names = {n for names in modules.values() for n in names[1]}
     total = sum(i.nbytes for v in infos.values() for i in v)
     report = FuseReport(out, sorted(merged_names), check_tokens=check_tokens)
-    with signals_as_errors(out):
-        check_free_space(out.parent, total + SPACE_MARGIN)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with DestinationLock(out):
-            for p in remove_stale(out):
-                print(f"note: removed {p}, left by an interrupted run", file=sys.stderr)
-            if out.exists() or out.is_symlink():  # another run may have finished meanwhile
-                raise FuseError(f"{given}: already exists; fuse writes a new folder (choose another name)")
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-            try:
-                _write_shards(tmp, infos, modules, dtype, report)
-                _write_metadata(src, tmp, adapter_dir, spec, infos)
-                ref = _reference(model, check_tokens, seed, report) if check_tokens else None
-                del model, modules  # the fused model loads next: never both in memory
-                mx.clear_cache()
-                if ref is not None:
-                    _kl_check(tmp, *ref, report)
-                (tmp / FUSE_RECORD).write_text(json.dumps({"adapter": str(adapter_dir), "base": str(src),
-                                                           "spec": spec.to_dict(), "report": report.to_dict()}, indent=2) + "\n")  # fmt: skip
-                for f in tmp.iterdir():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the model private to this user
-                os.rename(tmp, out)
-                fsync_dir(out.parent)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+    def exists() -> None:  # another run may have finished meanwhile
+        raise FuseError(f"{given}: already exists; fuse writes a new folder (choose another name)")
+
+    # convert's destination handling: signals, the lock, stale partials, free space, one rename
+    with claimed(out, total + SPACE_MARGIN, exists, "fuse"), staged(out) as tmp:
+        _write_shards(tmp, infos, modules, dtype, report)
+        _write_metadata(src, tmp, adapter_dir, spec, infos)
+        ref = _reference(model, check_tokens, seed, report) if check_tokens else None
+        del model, modules  # the fused model loads next: never both in memory
+        mx.clear_cache()
+        if ref is not None:
+            _kl_check(tmp, *ref, report)
+        (tmp / FUSE_RECORD).write_text(json.dumps({"adapter": str(adapter_dir), "base": str(src),
+                                                   "spec": spec.to_dict(), "report": report.to_dict()}, indent=2) + "\n")  # fmt: skip
     if verbose:
         print(report.summary(), file=sys.stderr)
     return report
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 def _update(module: Any) -> mx.array:
