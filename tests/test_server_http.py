@@ -505,3 +505,17 @@ def test_serve_command_serves_the_model_by_its_folder_name(vocab_model_dir):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_hostile_bodies_get_400_not_500():
+    engine = FakeEngine(ANSWER)
+    with running(create_app(engine, model_id=MODEL)) as url, httpx.Client(timeout=20) as x:
+        chat = f"{url}/v1/chat/completions"
+        ok = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+        deep = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+        _error(x.post(chat, content=deep), 400, "nested too deeply")
+        assert _error(x.post(chat, json={**ok, "seed": 2**80}), 400)["param"] == "seed"  # beyond mx.random.seed's uint64
+        assert _error(x.post(chat, json={**ok, "seed": -1}), 400)["param"] == "seed"
+        _error(x.post(chat, content=b'{"model": "x", "messages": "\xff\xfe"}'), 400, "not valid JSON")
+        assert x.post(chat, json={**ok, "seed": 2**64 - 1}).status_code == 200  # and the server still serves
+    assert engine.submitted[-1][1]["seed"] == 2**64 - 1

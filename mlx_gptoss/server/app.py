@@ -108,6 +108,8 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         body = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # a body nested deeper than the parser's stack is hostile, not a server fault
+        raise APIError(400, "the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:

@@ -142,7 +142,7 @@ class ChatRequest(_Model):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # the range mx.random.seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
