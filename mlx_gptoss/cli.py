@@ -447,7 +447,7 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
     from mlx_gptoss.lora.checkpoint import latest_checkpoint, resume_state
     from mlx_gptoss.lora.data import load_dataset
     from mlx_gptoss.lora.plot import plot_metrics, require_matplotlib
-    from mlx_gptoss.lora.train import TrainConfig, train
+    from mlx_gptoss.lora.train import TrainConfig, refuse_model_folder, train
     from mlx_gptoss.tokenizer import TokenizerError
     from tqdm import tqdm
 
@@ -459,6 +459,7 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
         cfg.validate()
         if plot:
             require_matplotlib()
+        refuse_model_folder(out)  # before the model loads: fail fast
         saved_spec = resume_state(out)["spec"] if resume else None
         if not resume and latest_checkpoint(out) is not None:  # before the model loads: fail fast
             raise ValueError(f"{out} holds a training checkpoint: add --resume, or train into another folder")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -336,3 +337,24 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_resume_completes(vocab_model_dir, cha
     rows = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows if x["kind"] == "train"] == list(range(1, total + 1))
     assert json.loads((out / "adapter_config.json").read_text())["targets"] == ["attention", "experts"]
+
+
+def test_cli_refuses_to_train_into_a_model_folder_and_names_a_damaged_checkpoint_file(vocab_model_dir, chats, tmp_path):
+    model_copy = tmp_path / "model"
+    shutil.copytree(vocab_model_dir, model_copy)
+    before = sorted(p.name for p in model_copy.iterdir())
+    r = _cli("-m", str(model_copy), "--data", str(chats), "-o", str(model_copy), "--iters", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"Error: {model_copy}: holds a model (config.json); train the adapter into a folder of its own"
+    assert sorted(p.name for p in model_copy.iterdir()) == before  # nothing written into the model
+    out = tmp_path / "adapter"
+    args = ["-m", str(vocab_model_dir), "--data", str(chats), "-o", str(out), "--save-every", "1"]
+    assert _cli(*args, "--iters", "1").returncode == 0
+    damaged = latest_checkpoint(out) / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # a truncated write
+    r = _cli(*args, "--iters", "2", "--resume")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {damaged}: unreadable checkpoint file"), r.stderr
+    (damaged.parent / "state.json").write_text("{")
+    r = _cli(*args, "--iters", "2", "--resume")
+    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {damaged.parent / 'state.json'}: unreadable checkpoint file"), r.stderr

@@ -99,12 +99,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint folder written by :func:`save_checkpoint`."""
+    file = path / "state.json"
     try:
-        state = json.loads((path / "state.json").read_text())
-        trainable = mx.load(str(path / "trainable.safetensors"))
-        optimizer = mx.load(str(path / "optimizer.safetensors"))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+        state = json.loads(file.read_text())
+        file = path / "trainable.safetensors"
+        trainable = mx.load(str(file))
+        file = path / "optimizer.safetensors"
+        optimizer = mx.load(str(file))
+    except (OSError, ValueError, RuntimeError) as e:  # name the file: the user must know which one is damaged
+        raise CheckpointError(f"{file}: unreadable checkpoint file ({e})") from None
     return Checkpoint(trainable, optimizer, state)
 
 
@@ -116,4 +119,4 @@ def resume_state(out_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((path / "state.json").read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+        raise CheckpointError(f"{path / 'state.json'}: unreadable checkpoint file ({e})") from None

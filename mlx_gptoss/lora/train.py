@@ -417,6 +417,12 @@ def evaluate(model: nn.Module, examples: Sequence[Any], cfg: TrainConfig) -> tup
     return (total / count if count else None), count
 
 
+def refuse_model_folder(out: Path) -> None:
+    """Raise TrainConfigError when ``out`` holds a model (its config.json): an adapter run must not write into it."""
+    if (Path(out) / "config.json").is_file():
+        raise TrainConfigError(f"{out}: holds a model (config.json); train the adapter into a folder of its own")
+
+
 def _check_examples(examples: Sequence[Any], cfg: TrainConfig, what: str) -> None:
     for e in examples:
         if len(e.ids) > cfg.max_seq_len:
@@ -473,6 +479,7 @@ def train(
         raise ValueError("the model has no trainable parameter (apply_lora first)")
 
     out = Path(cfg.output_dir)
+    refuse_model_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     total = cfg.total_steps(len(train_ex))
     order = _Order(len(train_ex), cfg.batch_size, cfg.seed)
