@@ -2,6 +2,7 @@
 
     python examples/finetune.py ~/models/gpt-oss-20b train.jsonl my-adapter
     python examples/finetune.py ~/models/gpt-oss-20b saved-chats/ my-adapter   # a folder of chat.to_json() files
+    python examples/finetune.py ~/models/gpt-oss-20b-16gb train.jsonl my-adapter 9.5GB   # a 16 GB Mac
 
 ``train.jsonl`` holds one example per line: ``{"messages": [{"role": "user", ...}, {"role":
 "assistant", "thinking": ..., "content": ...}]}`` (OpenAI style, tools and tool results allowed),
@@ -18,6 +19,7 @@ from pathlib import Path
 import mlx_gptoss
 from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
 from mlx_gptoss.lora.data import load_dataset
+from mlx_gptoss.lora.plan import training_plan
 from mlx_gptoss.lora.train import TrainConfig, train
 
 
@@ -32,13 +34,15 @@ def main() -> None:
     model_path, data, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     if data.is_dir():
         data = gather(data, out.with_suffix(".jsonl"))
-    model = mlx_gptoss.load(model_path)
-    dataset = load_dataset(data, model.tokenizer.encoding, train_on="final")
-    print(dataset.summary())  # sequences, tokens, and every skipped line with its reason
-
+    budget = sys.argv[4] if len(sys.argv) > 4 else None
     spec = LoRASpec(rank=8, alpha=16, targets=("attention",))
-    apply_lora(model, spec, seed=0)
     cfg = TrainConfig(out, epochs=2, grad_accumulation=4, save_every=25, eval_every=0)
+    # under a budget, plan for training (adapters, optimizer, activations), not for inference
+    plan = training_plan(model_path, spec, max_seq_len=cfg.max_seq_len, memory_budget=budget) if budget else None
+    model = mlx_gptoss.load(model_path, memory_budget=plan)
+    dataset = load_dataset(data, model.tokenizer.encoding, train_on="final", max_seq_len=cfg.max_seq_len)
+    print(dataset.summary())  # sequences, tokens, and every skipped line with its reason
+    apply_lora(model, spec, seed=0)
     stop = threading.Event()
 
     def progress(p) -> None:

@@ -446,8 +446,9 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
     from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
     from mlx_gptoss.lora.checkpoint import latest_checkpoint, resume_state
     from mlx_gptoss.lora.data import load_dataset
+    from mlx_gptoss.lora.plan import model_config, training_plan
     from mlx_gptoss.lora.plot import plot_metrics, require_matplotlib
-    from mlx_gptoss.lora.train import TrainConfig, refuse_model_folder, train
+    from mlx_gptoss.lora.train import TrainConfig, refuse_finished_adapter, refuse_model_folder, train
     from mlx_gptoss.tokenizer import TokenizerError
     from tqdm import tqdm
 
@@ -463,17 +464,23 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
         saved_spec = resume_state(out)["spec"] if resume else None
         if not resume and latest_checkpoint(out) is not None:  # before the model loads: fail fast
             raise ValueError(f"{out} holds a training checkpoint: add --resume, or train into another folder")
+        if not resume:
+            refuse_finished_adapter(out)
         for path in (data, valid):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{path}: no such file")
-        lm = load(model, memory_budget=memory_budget, context=max_seq_len, verbose=memory_budget is not None)
-        if lm.tokenizer is None:
-            raise ValueError(f"{model}: no tokenizer next to the weights; training data cannot be tokenized")
+        path, config = model_config(model)
         if saved_spec is not None:
             spec = LoRASpec.from_dict(saved_spec)
         else:
             spec = LoRASpec(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
-                            layers=_parse_layers(layers, lm.config.num_hidden_layers))  # fmt: skip
+                            layers=_parse_layers(layers, config.num_hidden_layers))  # fmt: skip
+        # the budget planned for training (adapters, optimizer, activations), not for inference
+        plan = None if memory_budget is None else training_plan(path, spec, max_seq_len=max_seq_len,
+                                                                memory_budget=memory_budget, batch_size=batch_size)  # fmt: skip
+        lm = load(path, memory_budget=plan, verbose=plan is not None)
+        if lm.tokenizer is None:
+            raise ValueError(f"{model}: no tokenizer next to the weights; training data cannot be tokenized")
         opts = {"train_on": train_on, "max_seq_len": max_seq_len, "overflow": overflow}
         train_ds = load_dataset(data, lm.tokenizer.encoding, **opts)
         click.echo(train_ds.summary(), err=True)

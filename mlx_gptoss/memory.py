@@ -144,8 +144,13 @@ def plan_memory(
 
 
 def _fit(config: GptOssConfig, tensors: dict[str, TensorInfo], budget: int | None, extra: list[Component],
-         float_bytes: int, why: str, smaller: str) -> MemoryPlan:  # fmt: skip
-    """The weights' placement under ``budget`` beside the ``extra`` MLX components (cache, activations...)."""
+         float_bytes: int, why: str, smaller: str, *, slot_copies: int = 0) -> MemoryPlan:  # fmt: skip
+    """The weights' placement under ``budget`` beside the ``extra`` MLX components (cache, activations...).
+
+    ``slot_copies``: extra copies of one layer's expert slots that exist while streaming (training:
+    a block recomputed under the gradient transform keeps the slots its first experts were read
+    into for the backward, so reading the rest copies them once).
+    """
     sizes: dict[str, int] = {}
     for info in tensors.values():
         cat = _category(info.name)
@@ -163,10 +168,10 @@ def _fit(config: GptOssConfig, tensors: dict[str, TensorInfo], budget: int | Non
     fixed += sum(c.nbytes for c in extra) + (0 if on_host else sizes.get("embedding", 0))
     all_experts = expert_bytes * L * E
     if budget is not None and fixed + all_experts > budget:
-        slots = int((budget - fixed) // (expert_bytes * L)) if expert_bytes else E
+        slots = int((budget - fixed) // (expert_bytes * (L + slot_copies))) if expert_bytes else E
         k = config.num_experts_per_tok
         if slots < k:
-            need = fixed + k * L * expert_bytes
+            need = fixed + k * (L + slot_copies) * expert_bytes
             raise BudgetError(
                 f"a budget of {budget / GB:.2f} GB cannot hold this model: it needs at least {need / GB:.2f} GB "
                 f"({(need - budget) / GB:.2f} GB more) with {k} expert slots per layer and {why}. "
@@ -183,6 +188,8 @@ def _fit(config: GptOssConfig, tensors: dict[str, TensorInfo], budget: int | Non
     ]
     if plan.streaming:
         comps.append(Component(f"experts ({E - plan.expert_slots}/{E} per layer)", (E - plan.expert_slots) * L * expert_bytes, "disk (streamed)"))
+        if slot_copies:
+            comps.append(Component("expert slots re-read in a recompute", slot_copies * plan.expert_slots * expert_bytes, "MLX"))
     plan.components = comps + extra + [Component("runtime (MLX cache, Python)", OVERHEAD, "MLX")]
     return plan
 
@@ -203,13 +210,13 @@ def lora_parameter_count(config: GptOssConfig, spec) -> int:  # noqa: ANN001 (a 
 
 # Measured on MLX 0.32.4 (CPU) with the real widths (benchmarks/bench_lora_memory.py): the backward of
 # attention with sinks holds ~4.3-5.2 float32 copies of the scores [B, Hq, T, T] (T = 1024 and 256);
-# a checkpointed loss chunk through the 8-bit unembedding holds ~5 float32 copies of its logits
-# [c, V] at a training step's peak (logits, their float32 casts, the softmax and its gradient).
+# a loss chunk (lora/train.py's cross-entropy with its own gradient) holds ~4 float32-sized copies
+# of its logits [c, V] at its peak (the logits, their float32 softmax, the gradient and its cast).
 ATTENTION_COPIES = 4.5
-LOSS_CHUNK_COPIES = 5
+LOSS_CHUNK_COPIES = 4
 
 
-def training_activation_bytes(config: GptOssConfig, seq_len: int, *, batch_size: int = 1, loss_chunk: int = 256,
+def training_activation_bytes(config: GptOssConfig, seq_len: int, *, batch_size: int = 1, loss_chunk: int = 32,
                               float_bytes: int = 2) -> dict[str, int]:  # fmt: skip
     """Peak activations of one training step with per-block checkpointing (lora/train.py), by part.
 
@@ -242,7 +249,7 @@ def plan_training(
     max_seq_len: int,
     batch_size: int = 1,
     budget: int | str | None = None,
-    loss_chunk: int = 256,
+    loss_chunk: int = 32,
     float_bytes: int = 2,
 ) -> MemoryPlan:
     """The memory plan of LoRA training: the weights (placed as :func:`plan_memory` places them),
@@ -263,7 +270,7 @@ def plan_training(
         Component("AdamW update (new copies)", 16 * P, "MLX"),
     ] + [Component(f"{name} (T={max_seq_len}, B={batch_size})", n, "MLX") for name, n in acts.items()]
     why = f"training on {batch_size} x {max_seq_len} tokens (adapters, optimizer and activations {sum(c.nbytes for c in extra) / GB:.2f} GB)"
-    plan = _fit(config, tensors, budget, extra, float_bytes, why, "a shorter --max-seq-len or a smaller rank")
+    plan = _fit(config, tensors, budget, extra, float_bytes, why, "a shorter --max-seq-len or a smaller rank", slot_copies=1)
     plan.context, plan.prefill_step, plan.training = max_seq_len, max_seq_len, True
     return plan
 

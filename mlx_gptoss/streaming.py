@@ -199,6 +199,8 @@ class StreamedMoE(nn.Module):
                 dirty = True
                 try:
                     self._write(slot, data)
+                    # one expert's copy alive at a time, not every expert this call reads
+                    mx.eval(*(self._w[p] for p in data))
                 except BaseException:
                     self._free.append(slot)  # half written: empty, not the evicted expert's
                     raise

@@ -140,6 +140,7 @@ def test_layerwise_gradients_draw_the_forward_dropout_masks_again(tiny_model_dir
     assert got[0] != pytest.approx(_layerwise(m, batch, seed=11)[0], rel=1e-6)  # dropout did change the loss
 
 
+@pytest.mark.filterwarnings("ignore:the model was loaded with an inference memory plan")
 def test_a_training_step_under_a_budget_needs_about_the_memory_of_one_without(tiny_model_dir, tmp_path):
     # streamed slots are rewritten group by group: under a whole-model gradient transform every
     # slot version a group computed with stayed alive for the step (8x the step's memory here)
@@ -189,9 +190,15 @@ def test_training_plan_counts_adapters_optimizer_and_activations(tiny_model_dir)
     # beside the training extras
     assert [c.nbytes for c in plan.components[:5]] == [c.nbytes for c in plan_memory(TINY, tensors, None, float_bytes=4).components[:5]]
     extras = sum(c.nbytes for c in plan.components[5:])
+    # ... and, streaming, one more copy of a layer's slots (a recomputed block re-reads experts
+    # into slots its first experts still hold for the backward)
+    slots = TINY.num_local_experts - 3
     budget = sum(c.nbytes for c in plan.components[1:5]) - 3 * TINY.num_hidden_layers * plan.expert_bytes + extras
+    budget += slots * plan.expert_bytes
     tight = plan_training(TINY, tensors, spec, max_seq_len=64, budget=budget, float_bytes=4)
-    assert tight.expert_slots == TINY.num_local_experts - 3 and tight.mlx_bytes <= budget
+    assert tight.expert_slots == slots and tight.mlx_bytes <= budget
+    assert {c.name: c.nbytes for c in tight.components}["expert slots re-read in a recompute"] == slots * plan.expert_bytes
+    assert plan_training(TINY, tensors, spec, max_seq_len=64, budget=budget - 1, float_bytes=4).expert_slots == slots - 1
     with pytest.raises(BudgetError, match=r"training on 1 x 64 tokens .* shorter --max-seq-len"):
         plan_training(TINY, tensors, spec, max_seq_len=64, budget=extras, float_bytes=4)
 

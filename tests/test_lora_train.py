@@ -358,3 +358,37 @@ def test_cli_refuses_to_train_into_a_model_folder_and_names_a_damaged_checkpoint
     (damaged.parent / "state.json").write_text("{")
     r = _cli(*args, "--iters", "2", "--resume")
     assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {damaged.parent / 'state.json'}: unreadable checkpoint file"), r.stderr
+
+
+def test_cli_plans_a_budget_for_training_and_streams_the_experts(vocab_model_dir, chats, tmp_path):
+    # the inference planner left out the adapters, AdamW and the activations: it kept more expert
+    # slots resident than training can afford (the full 20b went 0.6 GB over its budget)
+    from mlx_gptoss.lora.adapters import LoRASpec
+    from mlx_gptoss.lora.plan import training_plan
+    from mlx_gptoss.memory import plan_memory, read_tensors
+
+    cfg = mlx_gptoss.config.GptOssConfig.from_file(vocab_model_dir / "config.json")
+    spec = LoRASpec(rank=8, alpha=16.0, targets=("attention", "experts"), layers=(cfg.num_hidden_layers - 1,))
+    # a budget a little under what training with every expert resident needs
+    full = training_plan(vocab_model_dir, spec, max_seq_len=128, memory_budget=10**15)  # embedding on the host
+    budget = full.mlx_bytes - 1
+    plan = training_plan(vocab_model_dir, spec, max_seq_len=128, memory_budget=budget)
+    assert plan.training and plan.expert_slots < cfg.num_local_experts
+    assert plan.expert_slots < plan_memory(cfg, read_tensors(vocab_model_dir), budget, context=128).expert_slots
+    out = tmp_path / "adapter"
+    r = _cli("-m", str(vocab_model_dir), "--data", str(chats), "-o", str(out), "--iters", "2", "--max-seq-len", "128",
+             "--targets", "attention,experts", "--layers", "last:1", "--memory-budget", str(budget))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "training on sequences of up to 128 tokens" in r.stderr
+    assert f"experts: {plan.expert_slots} of {cfg.num_local_experts} per layer resident" in r.stderr
+    assert "completed at step 2/2" in r.stderr and (out / "adapter_config.json").is_file()
+
+
+def test_training_into_a_folder_holding_a_finished_adapter_is_refused(vocab_model_dir, chats, tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text('{"r": 8}')  # e.g. a PEFT adapter someone keeps there
+    r = _cli("-m", str(vocab_model_dir), "--data", str(chats), "-o", str(out), "--iters", "1")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"Error: {out} holds an adapter (adapter_config.json): train into another folder, or delete it first"
+    assert (out / "adapter_config.json").read_text() == '{"r": 8}' and sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]

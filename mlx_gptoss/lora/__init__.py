@@ -41,4 +41,7 @@ version, the LoRASpec, and the base model's fingerprint; an adapter for another 
 
 ``train.py`` — the training loop (``TrainConfig``, ``train(model, train_ds, valid_ds, cfg,
 on_progress=None, cancel=None) -> TrainResult``), resumable checkpoints, metrics as JSON lines.
+
+``plan.py`` — a budget planned for training before the model loads:
+``load(path, memory_budget=training_plan(path, spec, max_seq_len=T, memory_budget="9.5GB"))``.
 """

@@ -27,6 +27,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -75,7 +76,8 @@ class TrainConfig:
             ``output_dir/metrics.jsonl``).
         grad_checkpoint: recompute each block in the backward (False: keep activations; faster,
             much more memory).
-        loss_chunk: trained positions per unembedding chunk (256 x 201088 float32 logits = 206 MB).
+        loss_chunk: trained positions per unembedding chunk (32 x 201088 float32 logits = 26 MB a copy;
+            a chunk's forward and backward hold about four).
     """
 
     output_dir: str | Path
@@ -96,7 +98,7 @@ class TrainConfig:
     eval_batches: int | None = 25
     metrics_file: str | Path | None = None
     grad_checkpoint: bool = True
-    loss_chunk: int = 256
+    loss_chunk: int = 32
 
     def validate(self) -> None:
         """Raise :class:`TrainConfigError` naming the first bad option."""
@@ -250,7 +252,7 @@ def hidden_states(model: nn.Module, ids: mx.array, *, checkpoint: bool = True, s
     return model.norm(x)
 
 
-def target_loss(model: nn.Module, h: mx.array, sel: mx.array, labels: mx.array, *, chunk: int = 256,
+def target_loss(model: nn.Module, h: mx.array, sel: mx.array, labels: mx.array, *, chunk: int = 32,
                 checkpoint: bool = True) -> mx.array:  # fmt: skip
     """Summed cross-entropy at the trained positions: h [B, T, H] -> gather [N, H] -> logits ``chunk`` rows at a time."""
     H = h.shape[-1]
@@ -270,21 +272,38 @@ def target_loss(model: nn.Module, h: mx.array, sel: mx.array, labels: mx.array, 
 def _chunk_ce(model: nn.Module, yc: mx.array) -> Callable[[mx.array], mx.array]:
     """The summed cross-entropy of rows hc [n, H] against labels ``yc`` [n]."""
 
-    # labels enter by closure: a differentiated function differentiates all its inputs, and
-    # cross-entropy's gather has no gradient with respect to its indices
+    # labels enter by closure: a differentiated function differentiates all its inputs
     def ce(hc: mx.array) -> mx.array:
-        return nn.losses.cross_entropy(model.lm_head(hc).astype(mx.float32), yc, reduction="sum")
+        return _summed_ce(model.lm_head(hc), yc)
 
     return ce
 
 
-def batch_loss(model: nn.Module, batch: Batch, *, chunk: int = 256, checkpoint: bool = True, seed: int = 0) -> mx.array:
+@mx.custom_function
+def _summed_ce(logits: mx.array, labels: mx.array) -> mx.array:
+    """sum(logsumexp(logits) - logits[label]) in float32, over rows of ``logits`` [n, V]."""
+    lf = logits.astype(mx.float32)
+    return (mx.logsumexp(lf, axis=-1) - mx.take_along_axis(lf, labels[:, None], axis=-1)[:, 0]).sum()
+
+
+@_summed_ce.vjp
+def _summed_ce_vjp(primals: list[mx.array], cotangent: mx.array, output: mx.array) -> tuple[mx.array, mx.array]:
+    # softmax - onehot written in place of one float32 [n, V] copy: the generic graph of
+    # cross_entropy keeps about five of them alive (the chunk's logits dominate a short step)
+    logits, labels = primals
+    p = mx.softmax(logits.astype(mx.float32), axis=-1, precise=True)
+    hit = mx.take_along_axis(p, labels[:, None], axis=-1)
+    p = mx.put_along_axis(p, labels[:, None], hit - 1.0, axis=-1)
+    return (p * cotangent).astype(logits.dtype), mx.zeros_like(labels)
+
+
+def batch_loss(model: nn.Module, batch: Batch, *, chunk: int = 32, checkpoint: bool = True, seed: int = 0) -> mx.array:
     """The summed cross-entropy over ``batch``'s trained tokens (divide by ``batch.n_targets`` for the mean)."""
     h = hidden_states(model, batch.ids, checkpoint=checkpoint, seed=seed)
     return target_loss(model, h, batch.sel, batch.labels, chunk=chunk, checkpoint=checkpoint)
 
 
-def loss_and_grads(model: nn.Module, batch: Batch, *, chunk: int = 256, seed: int = 0) -> tuple[mx.array, Any]:
+def loss_and_grads(model: nn.Module, batch: Batch, *, chunk: int = 32, seed: int = 0) -> tuple[mx.array, Any]:
     """:func:`batch_loss` (checkpointed, same ``seed``) and its gradients with respect to
     ``model.trainable_parameters()``, with at most one block's graph alive at a time.
 
@@ -423,6 +442,15 @@ def refuse_model_folder(out: Path) -> None:
         raise TrainConfigError(f"{out}: holds a model (config.json); train the adapter into a folder of its own")
 
 
+def refuse_finished_adapter(out: Path) -> None:
+    """Refuse to start a new run in a folder that holds a finished adapter (it would be overwritten)."""
+    from .io import CONFIG, WEIGHTS
+
+    found = [n for n in (CONFIG, WEIGHTS) if (Path(out) / n).exists()]
+    if found:
+        raise ValueError(f"{out} holds an adapter ({', '.join(found)}): train into another folder, or delete it first")
+
+
 def _check_examples(examples: Sequence[Any], cfg: TrainConfig, what: str) -> None:
     for e in examples:
         if len(e.ids) > cfg.max_seq_len:
@@ -480,6 +508,13 @@ def train(
 
     out = Path(cfg.output_dir)
     refuse_model_folder(out)
+    if not resume and latest_checkpoint(out) is None:
+        refuse_finished_adapter(out)
+    plan = getattr(model, "memory_plan", None)
+    if plan is not None and not plan.training:
+        warnings.warn("the model was loaded with an inference memory plan, which leaves no room for the adapters, "
+                      "optimizer and activations of training; load it with "
+                      "memory_budget=mlx_gptoss.lora.plan.training_plan(...)", stacklevel=2)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     total = cfg.total_steps(len(train_ex))
     order = _Order(len(train_ex), cfg.batch_size, cfg.seed)

@@ -1,0 +1,42 @@
+"""The memory plan of a training run, made before the model loads, so the budget counts training.
+
+``mlx_gptoss.load(path, memory_budget="9.5GB")`` plans for inference (a KV cache, prefill
+chunks); training needs room for the adapters, AdamW's state and one step's activations instead,
+so fewer expert slots fit. Load a model for training with the plan this module makes::
+
+    plan = training_plan(path, spec, max_seq_len=1024, memory_budget="9.5GB")
+    model = mlx_gptoss.load(path, memory_budget=plan)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import GptOssConfig
+from ..memory import MemoryPlan, plan_training, read_tensors
+
+
+def model_config(path_or_repo: str | Path) -> tuple[Path, GptOssConfig]:
+    """The converted folder of ``path_or_repo`` (a repo id is fetched and converted once) and its config."""
+    from ..loader import LoadError, resolve_model
+
+    path = resolve_model(path_or_repo)
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path}: no config.json")
+    return path, GptOssConfig.from_file(path / "config.json")
+
+
+def training_plan(path_or_repo: str | Path, spec, *, max_seq_len: int, memory_budget: str | int | None,  # noqa: ANN001
+                  batch_size: int = 1, loss_chunk: int | None = None) -> MemoryPlan:  # fmt: skip
+    """:func:`mlx_gptoss.memory.plan_training` for the converted model at ``path_or_repo``: what stays
+    resident while training ``spec``'s adapters on ``batch_size`` x ``max_seq_len`` tokens under
+    ``memory_budget``. Pass it to ``mlx_gptoss.load(..., memory_budget=plan)``.
+
+    Raises :class:`~mlx_gptoss.memory.BudgetError` when the budget cannot hold the run.
+    """
+    from .train import TrainConfig
+
+    path, config = model_config(path_or_repo)
+    chunk = TrainConfig.loss_chunk if loss_chunk is None else loss_chunk
+    return plan_training(config, read_tensors(path), spec, max_seq_len=max_seq_len, batch_size=batch_size,
+                         budget=memory_budget, loss_chunk=chunk)  # fmt: skip
