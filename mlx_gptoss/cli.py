@@ -351,8 +351,6 @@ def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | 
 def doctor(model: str | None, context: int, train_seq_len: int | None, lora_rank: int, lora_targets: str, lora_layers: str,
            check_kernels: bool) -> None:  # fmt: skip
     """This machine's memory and GPU limit, the model's components, and a budget that fits."""
-    from pathlib import Path
-
     from mlx_gptoss.doctor import kernels_report, report
 
     if check_kernels:

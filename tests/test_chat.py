@@ -14,7 +14,7 @@ import pytest
 
 import mlx_gptoss
 from mlx_gptoss.chat import ChatSession, Done
-from mlx_gptoss.harmony import FinalDelta, ReasoningDelta, ToolCallCompleted, ToolCallStarted
+from mlx_gptoss.harmony import ReasoningDelta, ToolCallCompleted, ToolCallStarted
 from mlx_gptoss.tools import as_tool, tool_from_function
 
 THINK_ANSWER = "<|channel|>analysis<|message|>{}<|end|><|start|>assistant<|channel|>final<|message|>{}<|return|>"

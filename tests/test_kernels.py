@@ -417,7 +417,7 @@ def test_generated_source_is_mlx_source(name, N):
     assert mine == launch.source
     small = [n for n, (a, _) in zip(S.SPECS[name].inputs, arrays) if a.size < S.METAL_CONSTANT_BELOW]
     for n in S.SPECS[name].inputs:
-        assert (f"const constant " in re.search(rf".*\* {n} \[\[", launch.source).group(0)) == (n in small)
+        assert ("const constant " in re.search(rf".*\* {n} \[\[", launch.source).group(0)) == (n in small)
     # a `constant` pointer cannot become a `device` one: the kernels cast only weights that way
     cast = set(re.findall(r"\(const GX_DEVICE_PTR \w+\*\)\((\w+)\)", launch.source))
     assert cast == ({"w"} if name in (S.GATE_UP, S.DOWN) else set()) and not cast & set(small)

@@ -280,6 +280,9 @@ def test_bad_requests_get_clear_openai_errors():
             _error(x.post(resp, json={"model": MODEL, "input": [{"type": "function_call_output", "call_id": "c1", "output": "1"}]},
                           headers=h), 400, "c1")  # fmt: skip
             _error(x.post(resp, json={"model": MODEL, "input": "x", "max_output_tokens": 0}, headers=h), 400, "max_output_tokens")
+            for empty in ([], ""):
+                assert _error(x.post(resp, json={"model": MODEL, "input": empty}, headers=h), 400, "nothing to answer")["param"] == "input"
+            _error(x.post(chat, json={**ok, "messages": []}, headers=h), 400)
             _error(x.get(f"{url}/v1/nothing", headers=h), 404)
             assert x.get(f"{url}/health").json()["status"] == "ok"  # health needs no key
             assert x.get(f"{url}/v1/models", headers=h).json()["data"][0]["id"] == MODEL

@@ -246,6 +246,8 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
         check_model(req.model)
         n = tokens(req.max_output_tokens, "max_output_tokens")
         items = (store.get(req.previous_response_id) if req.previous_response_id else []) + responses_items(req)
+        if not items:
+            raise APIError(400, "input: empty, and no previous_response_id: there is nothing to answer", param="input")
         job = await submit(responses_to_harmony(req, items), max_tokens=n, temperature=_temp(req.temperature), top_p=req.top_p)
         builder = ResponseBuilder(req, model_id, encoding)
 
