@@ -38,7 +38,7 @@ def main() -> None:
     spec = LoRASpec(rank=8, alpha=16, targets=("attention",))
     cfg = TrainConfig(out, epochs=2, grad_accumulation=4, save_every=25, eval_every=0)
     # under a budget, plan for training (adapters, optimizer, activations), not for inference
-    plan = training_plan(model_path, spec, max_seq_len=cfg.max_seq_len, memory_budget=budget) if budget else None
+    plan = training_plan(model_path, spec, cfg, budget) if budget else None
     model = mlx_gptoss.load(model_path, memory_budget=plan)
     dataset = load_dataset(data, model.tokenizer.encoding, train_on="final", max_seq_len=cfg.max_seq_len)
     print(dataset.summary())  # sequences, tokens, and every skipped line with its reason

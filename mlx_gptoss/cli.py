@@ -474,8 +474,7 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
             spec = LoRASpec(rank=rank, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",")),
                             layers=_parse_layers(layers, config.num_hidden_layers))  # fmt: skip
         # the budget planned for training (adapters, optimizer, activations), not for inference
-        plan = None if memory_budget is None else training_plan(path, spec, max_seq_len=max_seq_len,
-                                                                memory_budget=memory_budget, batch_size=batch_size)  # fmt: skip
+        plan = None if memory_budget is None else training_plan(path, spec, cfg, memory_budget)
         lm = load(path, memory_budget=plan, verbose=plan is not None)
         if lm.tokenizer is None:
             raise ValueError(f"{model}: no tokenizer next to the weights; training data cannot be tokenized")

@@ -217,20 +217,20 @@ LOSS_CHUNK_COPIES = 4
 
 
 def training_activation_bytes(config: GptOssConfig, seq_len: int, *, batch_size: int = 1, loss_chunk: int = 32,
-                              float_bytes: int = 2) -> dict[str, int]:  # fmt: skip
+                              attention_chunk: int | None = 256, float_bytes: int = 2) -> dict[str, int]:  # fmt: skip
     """Peak activations of one training step with per-block checkpointing (lora/train.py), by part.
 
     - saved block inputs: each block's input [B, T, H] (and the final one) stays for the backward;
     - one block recomputed: its forward and backward together, the only block live at a time:
-      attention scores, probabilities and their gradients (:data:`ATTENTION_COPIES` x [B, Hq, T, T]
-      float32); the MoE's N·K (token, expert) pairs in float32 (the CPU path) — each pair's input,
+      attention scores, probabilities and their gradients of one query chunk
+      (:data:`ATTENTION_COPIES` x [B, Hq, c, T] float32, c = ``attention_chunk`` or T); the MoE's N·K (token, expert) pairs in float32 (the CPU path) — each pair's input,
       gate_up pre-activation, SwiGLU output and down output [NK, 2H + 3I], twice (values and
       gradients); and the block's [B, T, H]-sized temporaries (norms, residuals, q/k/v, gradients);
     - the loss chunk: ``loss_chunk`` rows of logits, :data:`LOSS_CHUNK_COPIES` x [c, V] float32.
     """
     B, T, H, I, V = batch_size, seq_len, config.hidden_size, config.intermediate_size, config.vocab_size
     NK = B * T * config.num_experts_per_tok
-    attention = int(ATTENTION_COPIES * B * config.num_attention_heads * T * T * 4)
+    attention = int(ATTENTION_COPIES * B * config.num_attention_heads * min(attention_chunk or T, T) * T * 4)
     moe = 2 * NK * (2 * H + 3 * I) * 4
     temporaries = 16 * B * T * max(H, config.qkv_dim) * 4
     chunk = min(loss_chunk, B * T)
@@ -250,6 +250,7 @@ def plan_training(
     batch_size: int = 1,
     budget: int | str | None = None,
     loss_chunk: int = 32,
+    attention_chunk: int | None = 256,
     float_bytes: int = 2,
 ) -> MemoryPlan:
     """The memory plan of LoRA training: the weights (placed as :func:`plan_memory` places them),
@@ -261,7 +262,8 @@ def plan_training(
     """
     budget = None if budget is None else parse_size(budget)
     P = lora_parameter_count(config, spec)
-    acts = training_activation_bytes(config, max_seq_len, batch_size=batch_size, loss_chunk=loss_chunk, float_bytes=float_bytes)
+    acts = training_activation_bytes(config, max_seq_len, batch_size=batch_size, loss_chunk=loss_chunk,
+                                     attention_chunk=attention_chunk, float_bytes=float_bytes)  # fmt: skip
     extra = [
         Component(f"adapters ({P / 1e6:.1f}M params, float32)", 4 * P, "MLX"),
         Component("adapter gradients", 4 * P, "MLX"),

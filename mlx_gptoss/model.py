@@ -33,6 +33,9 @@ class Attention(nn.Module):
         self.sinks = mx.zeros((self.n_q,))
         self._rope = rope
         self._scale = rope.logit_scale / math.sqrt(self.head_dim)
+        # training's seam: a cache-less pass attends this many queries at a time, each chunk
+        # recomputed in the backward, so its gradient holds [c, T] scores per head, not [T, T]
+        self.query_chunk: int | None = None
 
     def project(self, x: mx.array, offset: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """q [B, Hq, T, D], k and v [B, Hkv, T, D] for tokens at positions offset.., RoPE applied."""
@@ -52,7 +55,28 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        elif self.query_chunk and q.shape[2] > self.query_chunk:
+            return self._attend_chunked(q, k, v, mask, self.query_chunk)
         return self.attend(q, k, v, mask)
+
+    def _attend_chunked(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, c: int) -> mx.array:
+        """:meth:`attend` of a cache-less pass, ``c`` queries at a time over the keys up to the chunk's end."""
+        B, _, T, _ = q.shape
+
+        def chunk(m: Any) -> Any:
+            def run(qc: mx.array, kc: mx.array, vc: mx.array) -> mx.array:
+                return mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=self._scale, mask=m, sinks=self.sinks)
+
+            return mx.checkpoint(run)
+
+        outs = []
+        for s in range(0, T, c):
+            e = min(s + c, T)
+            # "causal" aligns the queries with the last keys: query s + i sees keys 0..s + i
+            m = mask if mask is None or isinstance(mask, str) else mask[s:e, :e]
+            outs.append(chunk(m)(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+        o = mx.concatenate(outs, axis=2)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
 class MXFP4Experts(nn.Module):

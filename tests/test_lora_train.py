@@ -370,9 +370,10 @@ def test_cli_plans_a_budget_for_training_and_streams_the_experts(vocab_model_dir
     cfg = mlx_gptoss.config.GptOssConfig.from_file(vocab_model_dir / "config.json")
     spec = LoRASpec(rank=8, alpha=16.0, targets=("attention", "experts"), layers=(cfg.num_hidden_layers - 1,))
     # a budget a little under what training with every expert resident needs
-    full = training_plan(vocab_model_dir, spec, max_seq_len=128, memory_budget=10**15)  # embedding on the host
+    cfg128 = TrainConfig(tmp_path / "unused", max_seq_len=128)
+    full = training_plan(vocab_model_dir, spec, cfg128, 10**15)  # embedding on the host
     budget = full.mlx_bytes - 1
-    plan = training_plan(vocab_model_dir, spec, max_seq_len=128, memory_budget=budget)
+    plan = training_plan(vocab_model_dir, spec, cfg128, budget)
     assert plan.training and plan.expert_slots < cfg.num_local_experts
     assert plan.expert_slots < plan_memory(cfg, read_tensors(vocab_model_dir), budget, context=128).expert_slots
     out = tmp_path / "adapter"
@@ -392,3 +393,57 @@ def test_training_into_a_folder_holding_a_finished_adapter_is_refused(vocab_mode
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"Error: {out} holds an adapter (adapter_config.json): train into another folder, or delete it first"
     assert (out / "adapter_config.json").read_text() == '{"r": 8}' and sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+
+
+# -- attention a query chunk at a time ----------------------------------------------------------
+
+
+def test_attention_in_query_chunks_equals_attention_at_once(tiny_model_dir):
+    from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
+    from mlx_gptoss.lora.train import set_attention_chunk
+
+    model = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32)
+    apply_lora(model, LoRASpec(rank=4, targets=("attention",)), seed=0)
+    ids = mx.array(np.random.default_rng(5).integers(0, 512, (2, 45)))  # past the sliding window (16)
+    batch = make_batch([_ex(r.tolist(), 1, i + 1) for i, r in enumerate(np.array(ids))])
+    want_logits = np.array(model(ids))
+    want = _grads(model, [batch], checkpoint=True, chunk=8)
+    for c in (1, 7, 16, 45, 64):  # a last chunk shorter than the rest, one chunk, no chunking
+        old = set_attention_chunk(model, c)
+        np.testing.assert_allclose(np.array(model(ids)), want_logits, rtol=1e-5, atol=1e-5)
+        got = _grads(model, [batch], checkpoint=True, chunk=8)
+        assert got[0] == pytest.approx(want[0], rel=1e-6)
+        _assert_close(got[1], want[1], 1e-5)
+        assert [v for _, v in old] == [None] * 4 and model.layers[0].self_attn.query_chunk == c
+        set_attention_chunk(model, None)
+    cache = model.make_cache()  # with a cache (inference) the chunk setting is not used
+    set_attention_chunk(model, 7)
+    np.testing.assert_allclose(np.array(model(ids[:1], cache)), want_logits[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_in_query_chunks_bounds_the_backward_memory(tiny_model_dir):
+    # the backward of attention with sinks materialises [B, Hq, T, T] scores ~4.5 times; in chunks
+    # of c queries each chunk is recomputed alone: [B, Hq, c, T]
+    from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
+    from mlx_gptoss.lora.train import loss_and_grads, set_attention_chunk
+
+    model = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32)
+    apply_lora(model, LoRASpec(rank=4, targets=("attention",), layers=(3,)), seed=0)
+    mx.eval(model.parameters())
+    T = 1024
+    batch = make_batch([_ex(np.random.default_rng(6).integers(0, 512, T).tolist(), T - 8)])
+    scores = TINY_HEADS * T * T * 4
+    peaks = {}
+    for c in (None, 64):
+        set_attention_chunk(model, c)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        loss, g = loss_and_grads(model, batch)
+        mx.eval(loss, g)
+        peaks[c] = mx.get_peak_memory() - before
+    assert peaks[None] > 3 * scores, peaks  # the whole-sequence backward does hold the scores
+    assert peaks[64] < 0.25 * peaks[None], peaks
+
+
+TINY_HEADS = 8

@@ -43,5 +43,5 @@ version, the LoRASpec, and the base model's fingerprint; an adapter for another 
 on_progress=None, cancel=None) -> TrainResult``), resumable checkpoints, metrics as JSON lines.
 
 ``plan.py`` — a budget planned for training before the model loads:
-``load(path, memory_budget=training_plan(path, spec, max_seq_len=T, memory_budget="9.5GB"))``.
+``load(path, memory_budget=training_plan(path, spec, TrainConfig(out, ...), "9.5GB"))``.
 """

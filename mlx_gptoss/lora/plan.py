@@ -4,7 +4,7 @@
 chunks); training needs room for the adapters, AdamW's state and one step's activations instead,
 so fewer expert slots fit. Load a model for training with the plan this module makes::
 
-    plan = training_plan(path, spec, max_seq_len=1024, memory_budget="9.5GB")
+    plan = training_plan(path, spec, TrainConfig(out, max_seq_len=1024), memory_budget="9.5GB")
     model = mlx_gptoss.load(path, memory_budget=plan)
 """
 
@@ -26,17 +26,14 @@ def model_config(path_or_repo: str | Path) -> tuple[Path, GptOssConfig]:
     return path, GptOssConfig.from_file(path / "config.json")
 
 
-def training_plan(path_or_repo: str | Path, spec, *, max_seq_len: int, memory_budget: str | int | None,  # noqa: ANN001
-                  batch_size: int = 1, loss_chunk: int | None = None) -> MemoryPlan:  # fmt: skip
+def training_plan(path_or_repo: str | Path, spec, cfg, memory_budget: str | int | None) -> MemoryPlan:  # noqa: ANN001
     """:func:`mlx_gptoss.memory.plan_training` for the converted model at ``path_or_repo``: what stays
-    resident while training ``spec``'s adapters on ``batch_size`` x ``max_seq_len`` tokens under
-    ``memory_budget``. Pass it to ``mlx_gptoss.load(..., memory_budget=plan)``.
+    resident while training ``spec``'s adapters with :class:`~.train.TrainConfig` ``cfg`` (its
+    batch size, ``max_seq_len``, loss and attention chunks) under ``memory_budget``. Pass it to
+    ``mlx_gptoss.load(..., memory_budget=plan)``.
 
     Raises :class:`~mlx_gptoss.memory.BudgetError` when the budget cannot hold the run.
     """
-    from .train import TrainConfig
-
     path, config = model_config(path_or_repo)
-    chunk = TrainConfig.loss_chunk if loss_chunk is None else loss_chunk
-    return plan_training(config, read_tensors(path), spec, max_seq_len=max_seq_len, batch_size=batch_size,
-                         budget=memory_budget, loss_chunk=chunk)  # fmt: skip
+    return plan_training(config, read_tensors(path), spec, max_seq_len=cfg.max_seq_len, batch_size=cfg.batch_size,
+                         budget=memory_budget, loss_chunk=cfg.loss_chunk, attention_chunk=cfg.attention_chunk)  # fmt: skip

@@ -78,6 +78,9 @@ class TrainConfig:
             much more memory).
         loss_chunk: trained positions per unembedding chunk (32 x 201088 float32 logits = 26 MB a copy;
             a chunk's forward and backward hold about four).
+        attention_chunk: queries attended at a time, each chunk recomputed in the backward (the
+            backward of attention with sinks holds ~4.5 float32 copies of the scores: [64, T, T]
+            per block at once is 4.8 GB at T = 2048, [64, 256, T] is 0.6 GB). None: all at once.
     """
 
     output_dir: str | Path
@@ -99,6 +102,7 @@ class TrainConfig:
     metrics_file: str | Path | None = None
     grad_checkpoint: bool = True
     loss_chunk: int = 32
+    attention_chunk: int | None = 256
 
     def validate(self) -> None:
         """Raise :class:`TrainConfigError` naming the first bad option."""
@@ -106,6 +110,8 @@ class TrainConfig:
             raise TrainConfigError("give iterations or epochs, not both")
         positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
                     "max_seq_len": self.max_seq_len, "loss_chunk": self.loss_chunk}  # fmt: skip
+        if self.attention_chunk is not None:
+            positive["attention_chunk"] = self.attention_chunk
         if self.iterations is not None:
             positive["iterations"] = self.iterations
         if self.epochs is not None:
@@ -442,6 +448,14 @@ def refuse_model_folder(out: Path) -> None:
         raise TrainConfigError(f"{out}: holds a model (config.json); train the adapter into a folder of its own")
 
 
+def set_attention_chunk(model: nn.Module, chunk: int | None) -> list[tuple[nn.Module, int | None]]:
+    """Set every attention layer's ``query_chunk`` (the model's seam for training); returns the old values."""
+    old = [(layer.self_attn, layer.self_attn.query_chunk) for layer in model.layers]
+    for attn, _ in old:
+        attn.query_chunk = chunk
+    return old
+
+
 def refuse_finished_adapter(out: Path) -> None:
     """Refuse to start a new run in a folder that holds a finished adapter (it would be overwritten)."""
     from .io import CONFIG, WEIGHTS
@@ -542,8 +556,10 @@ def train(
         step, micro = ck.state["step"], ck.state["micro"]
         trained_tokens, skipped_steps = ck.state["trained_tokens"], ck.state["skipped_steps"]
         metrics_offset = ck.state["metrics_offset"]
+        del ck  # its arrays are the model's and the optimizer's now
     elif ckpt_dir is not None:
         raise CheckpointError(f"{out} holds a training checkpoint: resume it, or train into another (or an emptied) folder")
+    del params  # the adapters as they were before training: not kept through the run
 
     metrics_path = cfg.metrics_path
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -577,6 +593,7 @@ def train(
     # pure-MLX twins, as the CPU does (a process-wide switch, put back afterwards)
     kernel_mode = kernels.mode()
     kernels.set_mode("twin")
+    chunks = set_attention_chunk(model, cfg.attention_chunk)
     try:
         while step < total:
             if cancel is not None and cancel.is_set():
@@ -586,7 +603,7 @@ def train(
             step_seed = _mix(cfg.seed, step)
             mx.random.seed(step_seed)
             lr = cfg.lr_at(step, total)
-            grads, loss_sum, n_targets, n_tokens = None, 0.0, 0, 0
+            grads, g, loss_sum, n_targets, n_tokens = None, None, 0.0, 0, 0
             for _ in range(cfg.grad_accumulation):
                 if cfg.epochs is not None and micro >= last_micro:
                     break
@@ -613,6 +630,7 @@ def train(
                 opt.learning_rate = lr
                 opt.update(model, grads)
                 mx.eval(model.trainable_parameters(), opt.state)
+                grads = g = None  # not held through the next step's backward
                 trained_tokens += n_targets
                 progress.loss, progress.grad_norm = loss_sum / n_targets, grad_norm.item()
                 result.final_loss = progress.loss
@@ -638,6 +656,8 @@ def train(
         _save_final(model, spec, out, base_fingerprint)  # also when cancelled: what was trained so far
     finally:
         kernels.set_mode(kernel_mode)
+        for attn, c in chunks:
+            attn.query_chunk = c
         metrics.close()
         model.eval()
     result.steps, result.trained_tokens, result.skipped_steps = step, trained_tokens, skipped_steps
