@@ -7,8 +7,8 @@
 
 For each sequence length T (batch 1, every position trained): LoRA (rank 8 on attention and the
 experts of every layer) on the model, one AdamW step through lora/train.py's layer-wise backward
-(:func:`~mlx_gptoss.lora.train.loss_and_grads`: one block's graph at a time, the loss in
-unembedding chunks), after a first short step that
+(:func:`~mlx_gptoss.lora.train.loss_and_grads`: one block's graph at a time, attention and the
+loss in chunks, with TrainConfig's default chunk sizes), after a first short step that
 allocates the optimizer state. The step's MLX peak (``mx.get_peak_memory`` after
 ``mx.reset_peak_memory``) minus what was resident before it (weights, adapters, optimizer state)
 and the gradients is the measured step peak, set beside the planner's
@@ -36,7 +36,7 @@ def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None =
 
     import mlx_gptoss
     from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
-    from mlx_gptoss.lora.train import Batch, loss_and_grads
+    from mlx_gptoss.lora.train import Batch, TrainConfig, loss_and_grads, set_attention_chunk
     from mlx_gptoss.memory import training_activation_bytes
 
     budget = None
@@ -49,6 +49,7 @@ def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None =
     cfg = model.config
     apply_lora(model, LoRASpec(rank=rank, alpha=2.0 * rank, targets=("attention", "experts")), seed=0)
     model.train()
+    set_attention_chunk(model, TrainConfig.attention_chunk)  # as train() does
     opt = optim.AdamW(learning_rate=1e-4)
     n_params = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
 
@@ -61,7 +62,7 @@ def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None =
         before = mx.get_active_memory()
         mx.reset_peak_memory()
         t = time.perf_counter()
-        loss, grads = loss_and_grads(model, batch, chunk=256)
+        loss, grads = loss_and_grads(model, batch, chunk=TrainConfig.loss_chunk)
         opt.update(model, grads)
         mx.eval(loss, model.parameters(), opt.state)
         return before, mx.get_peak_memory(), time.perf_counter() - t, loss.item()
@@ -70,7 +71,8 @@ def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None =
     rows = []
     for T in seq_lens:
         before, peak, secs, loss = run(T)
-        predicted = training_activation_bytes(cfg, T, batch_size=1, loss_chunk=256, float_bytes=2)
+        predicted = training_activation_bytes(cfg, T, batch_size=1, loss_chunk=TrainConfig.loss_chunk,
+                                              attention_chunk=TrainConfig.attention_chunk, float_bytes=2)  # fmt: skip
         predicted["AdamW update"] = 16 * n_params
         # the gradients live at the peak too: the planner counts them beside the adapters
         measured = peak - before - 4 * n_params

@@ -419,7 +419,7 @@ def _parse_layers(text: str, num_layers: int) -> tuple[int, ...] | None:
               help="Train the final answers only, or everything the assistant writes (reasoning, tool calls, final).")
 @click.option("--overflow", type=click.Choice(["skip", "truncate"]), default="skip", show_default=True,
               help="What to do with an example longer than --max-seq-len.")
-@click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
+@click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB, planned for training: adapters, AdamW, one step's activations for --max-seq-len (see `mlx-gptoss doctor --train-seq-len`).")
 @click.option("--save-every", default=100, show_default=True, type=click.IntRange(min=0), help="Checkpoint every N steps (0: at the end).")
 @click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=0), help="Validation loss every N steps (0: at the end).")
 @click.option("--eval-batches", default=25, show_default=True, type=click.IntRange(min=1))

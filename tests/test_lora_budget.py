@@ -215,3 +215,15 @@ def test_cli_doctor_prints_the_training_plan(tiny_model_dir):
     assert "AdamW state" in res.stdout and "saved block inputs (T=64, B=1)" in res.stdout and "KV cache" not in res.stdout
     bad = subprocess.run(cmd[:-2] + ["--lora-layers", "last:9"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "1..4" in bad.stderr + bad.stdout
+
+
+def test_the_planner_defaults_are_the_trainers():
+    # doctor and plan_training's callers rely on these agreeing: a plan for other chunk sizes
+    # would under- or over-count the step's activations
+    import inspect
+
+    from mlx_gptoss.lora.train import TrainConfig
+
+    params = inspect.signature(plan_training).parameters
+    assert params["loss_chunk"].default == TrainConfig.loss_chunk
+    assert params["attention_chunk"].default == TrainConfig.attention_chunk
