@@ -213,6 +213,13 @@ def lora_parameter_count(config: GptOssConfig, spec) -> int:  # noqa: ANN001 (a 
 # a loss chunk (lora/train.py's cross-entropy with its own gradient) holds ~4 float32-sized copies
 # of its logits [c, V] at its peak (the logits, their float32 softmax, the gradient and its cast).
 ATTENTION_COPIES = 4.5
+# Attention in query chunks of c (training's default 256): the backward holds ~8 float32 copies of
+# one chunk's scores [B, Hq, c, T] (measured 6.4 / 8.1 / 7.9 at T = 512 / 1024 / 2048, the real
+# widths): more than one chunk's recomputation is alive at a time.
+ATTENTION_CHUNK_COPIES = 8
+# A block's [B, T, H]-sized float32 temporaries (norms, residuals, q/k/v, their gradients), sized so
+# the whole step matches the measured peak at T = 512 (bench_lora_memory.py: 0.985 GB measured).
+BLOCK_TEMPORARIES = 24
 LOSS_CHUNK_COPIES = 4
 
 
@@ -222,17 +229,18 @@ def training_activation_bytes(config: GptOssConfig, seq_len: int, *, batch_size:
 
     - saved block inputs: each block's input [B, T, H] (and the final one) stays for the backward;
     - one block recomputed: its forward and backward together, the only block live at a time:
-      attention scores, probabilities and their gradients of one query chunk
-      (:data:`ATTENTION_COPIES` x [B, Hq, c, T] float32, c = ``attention_chunk`` or T); the MoE's N·K (token, expert) pairs in float32 (the CPU path) — each pair's input,
+      attention scores, probabilities and their gradients (:data:`ATTENTION_COPIES` x [B, Hq, T, T]
+      float32, or in query chunks :data:`ATTENTION_CHUNK_COPIES` x [B, Hq, c, T], c = ``attention_chunk``); the MoE's N·K (token, expert) pairs in float32 (the CPU path) — each pair's input,
       gate_up pre-activation, SwiGLU output and down output [NK, 2H + 3I], twice (values and
-      gradients); and the block's [B, T, H]-sized temporaries (norms, residuals, q/k/v, gradients);
+      gradients); and the block's :data:`BLOCK_TEMPORARIES` [B, T, H]-sized temporaries;
     - the loss chunk: ``loss_chunk`` rows of logits, :data:`LOSS_CHUNK_COPIES` x [c, V] float32.
     """
     B, T, H, I, V = batch_size, seq_len, config.hidden_size, config.intermediate_size, config.vocab_size
     NK = B * T * config.num_experts_per_tok
-    attention = int(ATTENTION_COPIES * B * config.num_attention_heads * min(attention_chunk or T, T) * T * 4)
+    c = min(attention_chunk or T, T)
+    attention = int((ATTENTION_COPIES if c == T else ATTENTION_CHUNK_COPIES) * B * config.num_attention_heads * c * T * 4)
     moe = 2 * NK * (2 * H + 3 * I) * 4
-    temporaries = 16 * B * T * max(H, config.qkv_dim) * 4
+    temporaries = BLOCK_TEMPORARIES * B * T * max(H, config.qkv_dim) * 4
     chunk = min(loss_chunk, B * T)
     return {
         "saved block inputs": (config.num_hidden_layers + 1) * B * T * H * float_bytes,
