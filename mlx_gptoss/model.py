@@ -64,8 +64,9 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
 
         def chunk(m: Any) -> Any:
-            def run(qc: mx.array, kc: mx.array, vc: mx.array) -> mx.array:
-                return mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=self._scale, mask=m, sinks=self.sinks)
+            # the sinks enter as an input: an array a checkpointed function closes over gets no gradient
+            def run(qc: mx.array, kc: mx.array, vc: mx.array, sinks: mx.array) -> mx.array:
+                return mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=self._scale, mask=m, sinks=sinks)
 
             return mx.checkpoint(run)
 
@@ -74,7 +75,7 @@ class Attention(nn.Module):
             e = min(s + c, T)
             # "causal" aligns the queries with the last keys: query s + i sees keys 0..s + i
             m = mask if mask is None or isinstance(mask, str) else mask[s:e, :e]
-            outs.append(chunk(m)(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+            outs.append(chunk(m)(q[:, :, s:e], k[:, :, :e], v[:, :, :e], self.sinks))
         o = mx.concatenate(outs, axis=2)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 

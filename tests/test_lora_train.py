@@ -404,6 +404,7 @@ def test_attention_in_query_chunks_equals_attention_at_once(tiny_model_dir):
 
     model = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32)
     apply_lora(model, LoRASpec(rank=4, targets=("attention",)), seed=0)
+    model.layers[1].self_attn.unfreeze(keys=["sinks"], recurse=False)  # a gradient through the chunks' inputs too
     ids = mx.array(np.random.default_rng(5).integers(0, 512, (2, 45)))  # past the sliding window (16)
     batch = make_batch([_ex(r.tolist(), 1, i + 1) for i, r in enumerate(np.array(ids))])
     want_logits = np.array(model(ids))
@@ -412,6 +413,7 @@ def test_attention_in_query_chunks_equals_attention_at_once(tiny_model_dir):
         old = set_attention_chunk(model, c)
         np.testing.assert_allclose(np.array(model(ids)), want_logits, rtol=1e-5, atol=1e-5)
         got = _grads(model, [batch], checkpoint=True, chunk=8)
+        assert np.abs(got[1]["layers.1.self_attn.sinks"]).max() > 0
         assert got[0] == pytest.approx(want[0], rel=1e-6)
         _assert_close(got[1], want[1], 1e-5)
         assert [v for _, v in old] == [None] * 4 and model.layers[0].self_attn.query_chunk == c
