@@ -227,3 +227,28 @@ def test_the_planner_defaults_are_the_trainers():
     params = inspect.signature(plan_training).parameters
     assert params["loss_chunk"].default == TrainConfig.loss_chunk
     assert params["attention_chunk"].default == TrainConfig.attention_chunk
+
+
+def test_the_python_api_plans_for_training_and_warns_about_an_inference_plan(tiny_model_dir, tmp_path):
+    import warnings
+
+    from mlx_gptoss.lora.plan import training_plan
+    from mlx_gptoss.lora.train import TrainConfig, train
+
+    spec = LoRASpec(rank=4, targets=("attention", "experts"), layers=(3,))
+    example = _Ex([int(t) for t in np.random.default_rng(1).integers(0, TINY.vocab_size, 40)], [False] + [True] * 39)
+    cfg = TrainConfig(tmp_path / "planned", iterations=1, max_seq_len=64, save_every=0, eval_every=0)
+    full = training_plan(tiny_model_dir, spec, cfg, 10**15)
+    plan = training_plan(tiny_model_dir, spec, cfg, full.mlx_bytes - 1)  # just short of all resident
+    assert plan.training and plan.streaming
+    model = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32, memory_budget=plan)
+    assert model.memory_plan is plan and isinstance(model.layers[3].mlp, StreamedMoE)
+    apply_lora(model, spec, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a training plan: no warning
+        assert train(model, [example], None, cfg, spec=spec).status == "completed"
+    model = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32, memory_budget=10**15)  # planned for inference
+    apply_lora(model, spec, seed=0)
+    cfg2 = TrainConfig(tmp_path / "inference", iterations=1, max_seq_len=64, save_every=0, eval_every=0)
+    with pytest.warns(UserWarning, match="inference memory plan"):
+        train(model, [example], None, cfg2, spec=spec)
