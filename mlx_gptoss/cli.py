@@ -444,7 +444,8 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
     from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
     from mlx_gptoss.lora.checkpoint import latest_checkpoint, resume_state
     from mlx_gptoss.lora.data import load_dataset
-    from mlx_gptoss.lora.plan import model_config, training_plan
+    from mlx_gptoss.loader import resolve_config
+    from mlx_gptoss.lora.plan import training_plan
     from mlx_gptoss.lora.plot import plot_metrics, require_matplotlib
     from mlx_gptoss.lora.train import TrainConfig, refuse_finished_adapter, refuse_model_folder, train
     from mlx_gptoss.tokenizer import TokenizerError
@@ -467,7 +468,7 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
         for path in (data, valid):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{path}: no such file")
-        path, config = model_config(model)
+        path, config = resolve_config(model)
         if saved_spec is not None:
             spec = LoRASpec.from_dict(saved_spec)
         else:

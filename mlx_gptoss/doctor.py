@@ -67,8 +67,7 @@ def report(model_dir: Path | None, context: int = 8192, *, train_seq_len: int | 
     lines.append(f"recommended memory budget: {budget / GB:.1f} GB (--memory-budget {budget / GB:.1f}GB)")
     if model_dir is None:
         return "\n".join(lines)
-    from .config import GptOssConfig, read_json
-    from .loader import LoadError, _format_check
+    from .loader import LoadError, read_config
 
     if not (model_dir / "config.json").is_file():
         released = (model_dir / "original" / "config.json").is_file()
@@ -76,9 +75,7 @@ def report(model_dir: Path | None, context: int = 8192, *, train_seq_len: int | 
                                             f"{model_dir} DST" if released else "not a converted model folder (no config.json)"))  # fmt: skip
 
     # The loader's checks, so a released checkpoint is refused here too rather than mis-sized.
-    raw = read_json(model_dir / "config.json")
-    _format_check(model_dir, raw)
-    config = GptOssConfig.from_dict(raw, source=str(model_dir / "config.json"))
+    config = read_config(model_dir)
     tensors = read_tensors(model_dir)
     if train_seq_len is not None:
         return "\n".join(lines + _training(config, tensors, train_seq_len, lora_spec, budget))

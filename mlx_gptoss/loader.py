@@ -88,6 +88,21 @@ def _format_check(path: Path, raw: Any) -> None:
         )
 
 
+def read_config(path: Path) -> GptOssConfig:
+    """A converted folder's config, with the loader's checks (a release or another format is refused)."""
+    raw = read_json(path / "config.json")
+    _format_check(path, raw)
+    return GptOssConfig.from_dict(raw, source=str(path / "config.json"))
+
+
+def resolve_config(path_or_repo: str | Path) -> tuple[Path, GptOssConfig]:
+    """The converted folder of ``path_or_repo`` (see :func:`resolve_model`) and its config, as :func:`load` reads them."""
+    path = resolve_model(path_or_repo)
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path}: no config.json")
+    return path, read_config(path)
+
+
 def _shards(path: Path) -> list[Path]:
     """The shard files of a converted checkpoint: those its index lists, else every *.safetensors."""
     index = path / INDEX
@@ -179,13 +194,7 @@ def load(
     from .model import GptOss
 
     dtype = mx.bfloat16 if dtype is None else dtype
-    path = resolve_model(path_or_repo)
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise LoadError(f"{path}: no config.json")
-    raw = read_json(cfg_path)
-    _format_check(path, raw)
-    config = GptOssConfig.from_dict(raw, source=str(cfg_path))
+    path, config = resolve_config(path_or_repo)
     model = GptOss(config)
     expected = dict(tree_flatten(model.parameters()))
     # the lazy loads, the host embedding and the expert reader each open the shards; all must be

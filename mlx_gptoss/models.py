@@ -87,13 +87,10 @@ def verify(path: Path) -> None:
     """The checks load() makes (format, config, every tensor's name, dtype and shape), reading headers only."""
     from mlx.utils import tree_flatten
 
-    from .config import GptOssConfig, read_json
-    from .loader import _format_check, load_weights
+    from .loader import load_weights, read_config
     from .model import GptOss
 
-    raw = read_json(path / "config.json")
-    _format_check(path, raw)
-    config = GptOssConfig.from_dict(raw, source=str(path / "config.json"))
+    config = read_config(path)
     load_weights(path, dict(tree_flatten(GptOss(config).parameters())))
 
 

@@ -306,6 +306,8 @@ def test_cli_bad_options_and_data_are_one_line_errors(vocab_model_dir, chats, tm
         (["-m", m, "--data", str(chats), "-o", out, "--targets", "attention,mlp"], "targets"),
         (["-m", m, "--data", str(chats), "-o", out, "--iters", "2", "--epochs", "1"], "not both"),
         (["-m", m, "--data", str(chats), "-o", out, "--resume"], "no checkpoint to resume from"),
+        (["-m", m, "--data", str(chats), "-o", out, "--memory-budget", "lots"], "cannot read the size 'lots'"),
+        (["-m", m, "--data", str(chats), "-o", out, "--memory-budget", "1MB"], "training on 1 x 2048 tokens"),
     ]
     for args, msg in cases:
         r = _cli(*args)

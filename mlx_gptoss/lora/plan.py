@@ -12,18 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import GptOssConfig
+from ..loader import resolve_config
 from ..memory import MemoryPlan, plan_training, read_tensors
-
-
-def model_config(path_or_repo: str | Path) -> tuple[Path, GptOssConfig]:
-    """The converted folder of ``path_or_repo`` (a repo id is fetched and converted once) and its config."""
-    from ..loader import LoadError, resolve_model
-
-    path = resolve_model(path_or_repo)
-    if not (path / "config.json").is_file():
-        raise LoadError(f"{path}: no config.json")
-    return path, GptOssConfig.from_file(path / "config.json")
 
 
 def training_plan(path_or_repo: str | Path, spec, cfg, memory_budget: str | int | None) -> MemoryPlan:  # noqa: ANN001
@@ -34,6 +24,6 @@ def training_plan(path_or_repo: str | Path, spec, cfg, memory_budget: str | int 
 
     Raises :class:`~mlx_gptoss.memory.BudgetError` when the budget cannot hold the run.
     """
-    path, config = model_config(path_or_repo)
+    path, config = resolve_config(path_or_repo)
     return plan_training(config, read_tensors(path), spec, max_seq_len=cfg.max_seq_len, batch_size=cfg.batch_size,
                          budget=memory_budget, loss_chunk=cfg.loss_chunk, attention_chunk=cfg.attention_chunk)  # fmt: skip

@@ -79,8 +79,8 @@ class TrainConfig:
         loss_chunk: trained positions per unembedding chunk (32 x 201088 float32 logits = 26 MB a copy;
             a chunk's forward and backward hold about four).
         attention_chunk: queries attended at a time, each chunk recomputed in the backward (the
-            backward of attention with sinks holds ~4.5 float32 copies of the scores: [64, T, T]
-            per block at once is 4.8 GB at T = 2048, [64, 256, T] is 0.6 GB). None: all at once.
+            backward of attention with sinks holds ~4.5 float32 copies of the scores [64, T, T]
+            at once, 4.8 GB at T = 2048; in chunks ~8 copies of [64, 256, T], 1.1 GB). None: all at once.
     """
 
     output_dir: str | Path
