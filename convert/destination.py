@@ -117,13 +117,14 @@ def check_free_space(folder: Path, need: int) -> None:
 
 
 class DestinationLock:
-    """An exclusive lock on converting into ``dst``: ``.DST.lock`` beside it, flock'ed, holding our pid.
+    """An exclusive lock on writing into ``dst`` (a conversion, a fuse, a training run): ``.DST.lock``
+    beside it, flock'ed, holding our pid.
 
-    The kernel drops an flock when its owner dies, so a killed conversion never blocks the next.
+    The kernel drops an flock when its owner dies, so a killed run never blocks the next.
     """
 
-    def __init__(self, dst: Path) -> None:
-        self.dst = dst
+    def __init__(self, dst: Path, what: str = "conversion") -> None:
+        self.dst, self.what = dst, what  # what writes into dst, for the message
         self.path = dst.parent / f".{dst.name}.lock"
         self._fd: int | None = None
 
@@ -141,7 +142,7 @@ class DestinationLock:
                 pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise ConversionError(
-                    f"{self.dst}: another conversion into it is running (pid {pid}, lock {self.path}); "
+                    f"{self.dst}: another {self.what} into it is running (pid {pid}, lock {self.path}); "
                     "wait for it to finish, or stop it and run again"
                 ) from None
             # The previous owner unlinks the file on release: hold the lock only if ours is still the one there.

@@ -325,6 +325,10 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_resume_completes(vocab_model_dir, cha
     while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else ""
         time.sleep(0.05)
+    # a second run into the same folder while the first trains: refused, nothing of the first touched
+    second = _cli(*args, "--iters", "3")
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"{out}: another training run into it is running (pid {proc.pid}" in second.stderr.strip().splitlines()[-1]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err

@@ -40,6 +40,8 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from .. import kernels
 from ..generate import peak_rss_gb
+from mlx_gptoss_convert.destination import DestinationLock
+
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SCHEDULES = ("cosine", "constant")
@@ -522,13 +524,24 @@ def train(
 
     out = Path(cfg.output_dir)
     refuse_model_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one run per folder: two would interleave their checkpoints, metrics and adapter
+    with DestinationLock(out, "training run"):
+        return _train_into(model, train_ex, valid_ex, params, cfg, out, spec=spec, base_fingerprint=base_fingerprint,
+                           on_progress=on_progress, cancel=cancel, resume=resume)  # fmt: skip
+
+
+def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, cfg: TrainConfig, out: Path, *, spec: Any,
+                base_fingerprint: str | None, on_progress: Callable[[TrainProgress], None] | None,
+                cancel: threading.Event | None, resume: bool) -> TrainResult:  # fmt: skip
+    """:func:`train`'s run once its inputs are checked and ``out`` is locked."""
     if not resume and latest_checkpoint(out) is None:
         refuse_finished_adapter(out)
     plan = getattr(model, "memory_plan", None)
     if plan is not None and not plan.training:
         warnings.warn("the model was loaded with an inference memory plan, which leaves no room for the adapters, "
                       "optimizer and activations of training; load it with "
-                      "memory_budget=mlx_gptoss.lora.plan.training_plan(...)", stacklevel=2)  # fmt: skip
+                      "memory_budget=mlx_gptoss.lora.plan.training_plan(...)", stacklevel=3)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     total = cfg.total_steps(len(train_ex))
     order = _Order(len(train_ex), cfg.batch_size, cfg.seed)
