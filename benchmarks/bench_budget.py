@@ -119,7 +119,9 @@ def markdown(res: dict) -> str:
                     f"{ec.get('stall_s', 0):.2f} |")  # fmt: skip
     peer = res.get("mlx_lm")
     if peer and "error" not in peer:
-        rows.append(f"\nmlx-lm on the released layout, same run: peak MLX {peer['peak_mlx_gb']:.2f} GB, peak RSS {peer['peak_rss_gb']:.2f} GB.")
+        rows.append(
+            f"\nmlx-lm on the released layout, same run: peak MLX {peer['peak_mlx_gb']:.2f} GB, peak RSS {peer['peak_rss_gb']:.2f} GB."
+        )
     for c in res.get("checks", []):
         if "error" in c:
             rows.append(f"\nfloat32 check at {c['budget']} could not run: {c['error']}")
@@ -166,7 +168,10 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(r), file=sys.stderr, flush=True)
     checks = []
     if a.check_budget:
-        f32 = [run_worker(__file__, [*common, "--worker", "ours", "--budget", b, "--dtype", "float32"]) for b in ("unbounded", a.check_budget)]
+        f32 = [
+            run_worker(__file__, [*common, "--worker", "ours", "--budget", b, "--dtype", "float32"])
+            for b in ("unbounded", a.check_budget)
+        ]
         print(json.dumps(f32), file=sys.stderr, flush=True)
         if all("tokens" in r for r in f32):
             checks.append({"budget": a.check_budget, "same": f32[0]["tokens"] == f32[1]["tokens"],

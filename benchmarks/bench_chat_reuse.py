@@ -59,12 +59,16 @@ def run(model, turns: int, reuse: bool) -> list[dict]:
         if n % 5 == 0:
             r = chat.send(user, sampler=Script(tok, CALL.format(think=think, n=n)))
             pre = r.stats.prefill_tokens
-            r = chat.send_tool_result(r.tool_calls[0], lookup(f"turn {n}"), sampler=Script(tok, REPLY.format(think="Noted.", answer=answer)))
+            r = chat.send_tool_result(
+                r.tool_calls[0], lookup(f"turn {n}"), sampler=Script(tok, REPLY.format(think="Noted.", answer=answer))
+            )
             pre += r.stats.prefill_tokens
         else:
             r = chat.send(user, sampler=Script(tok, REPLY.format(think=think, answer=answer)))
             pre = r.stats.prefill_tokens
-        rows.append({"turn": n, "prompt_tokens": r.stats.prompt_tokens, "prefill_tokens": pre, "seconds": time.perf_counter() - t})
+        rows.append(
+            {"turn": n, "prompt_tokens": r.stats.prompt_tokens, "prefill_tokens": pre, "seconds": time.perf_counter() - t}
+        )
     return rows
 
 
@@ -82,8 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {a['turn']} | {a['prompt_tokens']} | {a['prefill_tokens']} | {b['prefill_tokens']} | "
               f"{a['seconds']:.2f} / {b['seconds']:.2f} |")  # fmt: skip
     total = lambda rows: sum(r["prefill_tokens"] for r in rows)  # noqa: E731
-    print(f"\ntotal prefilled: {total(with_reuse)} with reuse, {total(without)} without "
-          f"({total(without) / max(1, total(with_reuse)):.1f}x)", file=sys.stderr)
+    print(
+        f"\ntotal prefilled: {total(with_reuse)} with reuse, {total(without)} without "
+        f"({total(without) / max(1, total(with_reuse)):.1f}x)",
+        file=sys.stderr,
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"model": args.model, "with_reuse": with_reuse, "without_reuse": without}, indent=2))

@@ -109,7 +109,9 @@ def worker(engine: str, path: str, prompt_tokens: int, gen_tokens: int, warmup_t
     warm = _run(forward, make_cache, rng.integers(0, vocab, warmup_tokens).tolist(), 3, prefill_step, prompt_tokens + gen_tokens)
     out["warmup_s"] = warm["prefill_s"] + warm["decode_s"]
     mx.reset_peak_memory()
-    r = _run(forward, make_cache, rng.integers(0, vocab, prompt_tokens).tolist(), gen_tokens, prefill_step, prompt_tokens + gen_tokens)
+    r = _run(
+        forward, make_cache, rng.integers(0, vocab, prompt_tokens).tolist(), gen_tokens, prefill_step, prompt_tokens + gen_tokens
+    )
     out["prefill_tok_s"] = prompt_tokens / r["prefill_s"]
     out["decode_tok_s"] = (gen_tokens - 1) / r["decode_s"] if gen_tokens > 1 else None
     out["tokens"] = r["tokens"]
@@ -178,7 +180,7 @@ def run_worker(script: str, args: list[str]) -> dict:
     p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     if p.returncode == 0 and line is not None:
-        return json.loads(line[len("RESULT "):])
+        return json.loads(line[len("RESULT ") :])
     if p.returncode < 0:
         sig = signal.Signals(-p.returncode).name
         why = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")

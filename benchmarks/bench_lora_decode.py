@@ -46,7 +46,10 @@ def _adapter(model, rank: int, targets: tuple[str, ...], seed: int):
 
 def _switch(model):
     """A function turning the model's adapters off (the base modules put back) and on again, cheaply."""
-    saved = [(layer.self_attn, layer.mlp, layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.experts_lora) for layer in model.layers]
+    saved = [
+        (layer.self_attn, layer.mlp, layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.experts_lora)
+        for layer in model.layers
+    ]
 
     def switch(on: bool) -> None:
         for attn, mlp, qkv, o, experts in saved:
@@ -133,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         t_off, t_on = statistics.median(off), statistics.median(on)
         res[name] = {"step_ms_base": 1e3 * t_off, "step_ms_lora": 1e3 * t_on, "tok_s_base": 1 / t_off, "tok_s_lora": 1 / t_on,
                      "slowdown": t_on / t_off - 1, "steps_each": len(off)}  # fmt: skip
-        print(f"{name}: {1 / t_off:.2f} tok/s without, {1 / t_on:.2f} tok/s with the adapter: {t_on / t_off - 1:+.1%} step time", file=sys.stderr)
+        print(
+            f"{name}: {1 / t_off:.2f} tok/s without, {1 / t_on:.2f} tok/s with the adapter: {t_on / t_off - 1:+.1%} step time",
+            file=sys.stderr,
+        )
     res.update(peak_rss_gb=peak_rss_gb(), machine=machine(), time=time.strftime("%Y-%m-%d %H:%M:%S"))
     if args.requant:
         res["mxfp4_requant"] = requant_loss(model)
@@ -141,8 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"decode: {f['tok_s_base']:.2f} tok/s without, {f['tok_s_lora']:.2f} tok/s with a rank-{args.rank} {'+'.join(targets)} "
           f"adapter on all {res['layers']} layers ({f['slowdown']:+.1%} step time; decoder layers alone {lo['slowdown']:+.1%})")  # fmt: skip
     for r in res.get("mxfp4_requant", []):
-        print(f"MXFP4 re-quantization of an expert update with |dW| = {r['delta_rel_norm']:g} |W| ({r['shape']}): {r['lost']:.1%} of it lost "
-              f"({r['lost_keeping_scales']:.1%} keeping W's scales; re-quantizing W alone changes it by {r['requant_change_of_w']:.2%})")
+        print(
+            f"MXFP4 re-quantization of an expert update with |dW| = {r['delta_rel_norm']:g} |W| ({r['shape']}): {r['lost']:.1%} of it lost "
+            f"({r['lost_keeping_scales']:.1%} keeping W's scales; re-quantizing W alone changes it by {r['requant_change_of_w']:.2%})"
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")

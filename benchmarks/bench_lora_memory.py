@@ -44,7 +44,9 @@ def measure(model_dir: Path, seq_lens: list[int], rank: int, slots: int | None =
         from mlx_gptoss.config import GptOssConfig
         from mlx_gptoss.memory import budget_for_slots, read_tensors
 
-        budget = budget_for_slots(GptOssConfig.from_file(model_dir / "config.json"), read_tensors(model_dir), slots, context=max(seq_lens))
+        budget = budget_for_slots(
+            GptOssConfig.from_file(model_dir / "config.json"), read_tensors(model_dir), slots, context=max(seq_lens)
+        )
     model = mlx_gptoss.load(model_dir, lazy=False, memory_budget=budget, context=max(seq_lens))
     cfg = model.config
     apply_lora(model, LoRASpec(rank=rank, alpha=2.0 * rank, targets=("attention", "experts")), seed=0)
@@ -103,7 +105,9 @@ def full_20b(model_dir: Path, seq_lens: list[int], rank: int, budget: str) -> li
                 tensors[f"layers.{j}.{rest}"] = dataclasses.replace(info, name=f"layers.{j}.{rest}")
         else:
             tensors[name] = info
-    spec = LoRASpec(rank=rank, alpha=2.0 * rank, targets=("attention", "experts"), layers=last_layers(4, full_cfg.num_hidden_layers))
+    spec = LoRASpec(
+        rank=rank, alpha=2.0 * rank, targets=("attention", "experts"), layers=last_layers(4, full_cfg.num_hidden_layers)
+    )
     out = []
     for T in seq_lens:
         try:
@@ -123,7 +127,11 @@ def markdown(res: dict) -> str:
     lines += ["", f"Full 20b, rank {res['args']['rank']} on attention + experts of 4 layers, budget {res['args']['budget']}:", "",
               "| T | planned MLX GB | expert slots per layer |", "|---|---|---|"]  # fmt: skip
     for r in res["full_20b"]:
-        lines.append(f"| {r['T']} | {r.get('mlx_gb', float('nan')):.2f} | {r.get('expert_slots', '-')} |" if "error" not in r else f"| {r['T']} | does not fit | {r['error']} |")
+        lines.append(
+            f"| {r['T']} | {r.get('mlx_gb', float('nan')):.2f} | {r.get('expert_slots', '-')} |"
+            if "error" not in r
+            else f"| {r['T']} | does not fit | {r['error']} |"
+        )
     return "\n".join(lines)
 
 

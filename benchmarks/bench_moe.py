@@ -186,18 +186,25 @@ def main(argv: list[str] | None = None) -> None:
         wts = mx.array(np.full((1, K), 0.25, np.float32)).astype(mx.bfloat16)
         act = mx.zeros((1, K, I), mx.float32)
         for launch in SWEEP[backend]:
+
             def gate_up(layer, r, launch=launch):
                 g = layer.gate_up
-                return gpu.mxfp4_gate_up_swiglu(x, r, g.weight, g.scales, g.bias, limit=7.0, alpha=1.702, dialect=backend, launch=launch)
+                return gpu.mxfp4_gate_up_swiglu(
+                    x, r, g.weight, g.scales, g.bias, limit=7.0, alpha=1.702, dialect=backend, launch=launch
+                )
 
             def down(layer, r, launch=launch):
                 d = layer.down
-                return gpu.mxfp4_down_combine(act, r, wts, d.weight, d.scales, d.bias, out_dtype=mx.bfloat16, dialect=backend, launch=launch)
+                return gpu.mxfp4_down_combine(
+                    act, r, wts, d.weight, d.scales, d.bias, out_dtype=mx.bfloat16, dialect=backend, launch=launch
+                )
 
             for which, fn, nb in (("gate_up", gate_up, K * (EXPERT_BYTES * 2 // 3)), ("down", down, K * (EXPERT_BYTES // 3))):
                 try:
                     _, sec = time_calls(fn, layers, routes, args.reps)
-                    sweep.append({"kernel": which, "warps": launch[0], "per_warp": launch[1], "us": sec * 1e6, "gbps": nb / sec / 1e9})
+                    sweep.append(
+                        {"kernel": which, "warps": launch[0], "per_warp": launch[1], "us": sec * 1e6, "gbps": nb / sec / 1e9}
+                    )
                 except Exception as e:  # noqa: BLE001
                     sweep.append({"kernel": which, "warps": launch[0], "per_warp": launch[1], "error": repr(e)})
                 print(json.dumps(sweep[-1]), flush=True)
@@ -235,7 +242,11 @@ def markdown(res: dict) -> str:
            "| T | mlx-gptoss | twin (gather_qmm) | kernels | mlx-lm | ours / mlx-lm |", "|---|---|---|---|---|---|"]  # fmt: skip
     for T in Ts:
         cell = lambda v: f"{by[(T, v)]['us']:.1f} ({by[(T, v)]['gbps']:.0f})" if (T, v) in by else "-"  # noqa: E731
-        ratio = f"{by[(T, 'mlx-lm')]['us'] / by[(T, 'mlx-gptoss')]['us']:.2f}x" if (T, "mlx-lm") in by and (T, "mlx-gptoss") in by else "-"
+        ratio = (
+            f"{by[(T, 'mlx-lm')]['us'] / by[(T, 'mlx-gptoss')]['us']:.2f}x"
+            if (T, "mlx-lm") in by and (T, "mlx-gptoss") in by
+            else "-"
+        )
         out.append(f"| {T} | {cell('mlx-gptoss')} | {cell('twin')} | {cell('kernels')} | {cell('mlx-lm')} | {ratio} |")
     return "\n".join(out)
 

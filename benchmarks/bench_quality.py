@@ -120,7 +120,11 @@ def log_probs(model, ids: mx.array) -> np.ndarray:
 def compare(ref: np.ndarray, got: np.ndarray) -> dict:
     p = np.exp(ref)
     kl = (p * (ref - got)).sum(-1)
-    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()), "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

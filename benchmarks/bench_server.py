@@ -70,6 +70,7 @@ def reuse(model, turns: int) -> list[dict]:
     engine = Engine(model, max_tokens=400)
     conv = [system_message("medium"), developer_message("Answer briefly.", [as_tool(lookup)])]
     rows = []
+    prev = None  # the previous reply, whose tool call a tool turn answers
     try:
         for n, user, think, answer in conversation(turns):
             first = CALL.format(think=think, n=n) if n % 5 == 0 else REPLY.format(think=think, answer=answer)
@@ -82,7 +83,9 @@ def reuse(model, turns: int) -> list[dict]:
                 else:
                     call = prev.tool_calls[0]
                     a = chat.send_tool_result(call, lookup(f"turn {n}"), sampler=Script(tok, script))
-                    result = Message.from_author_and_content(Author.new(Role.TOOL, call.recipient), json.dumps(lookup(f"turn {n}")))
+                    result = Message.from_author_and_content(
+                        Author.new(Role.TOOL, call.recipient), json.dumps(lookup(f"turn {n}"))
+                    )
                     conv = conv + [result.with_recipient("assistant").with_channel("commentary")]
                 b = _reply(engine.submit(conv, sampler=Script(tok, script)))
                 conv = conv + b.messages  # what a stateless client sends back
@@ -110,7 +113,7 @@ def _timed(events, count) -> dict:
     t0 = time.perf_counter()
     first = None
     last = None
-    for last in events:
+    for last in events:  # noqa: B007 - the last event is what is kept
         if first is None:
             first = time.perf_counter()
     end = time.perf_counter()
@@ -126,9 +129,9 @@ def decode_in_process(model, gen_tokens: int) -> dict:
 
 
 def decode_engine(engine, gen_tokens: int) -> dict:
-    from mlx_gptoss.harmony import system_message
-
     from openai_harmony import Message, Role
+
+    from mlx_gptoss.harmony import system_message
 
     engine.cache.clear()  # as in process: the prompt is computed each round
     job = engine.submit([system_message("medium"), Message.from_role_and_content(Role.USER, PROMPT)], max_tokens=gen_tokens)
@@ -239,7 +242,10 @@ def main(argv: list[str] | None = None) -> None:
             local.close()
         engine.close()
     out["decode"] = runs
-    med = {k: {m: statistics.median(r[m] for r in v if r[m] is not None) for m in ("ttft_s", "decode_tok_s")} for k, v in runs.items()}
+    med = {
+        k: {m: statistics.median(r[m] for r in v if r[m] is not None) for m in ("ttft_s", "decode_tok_s")}
+        for k, v in runs.items()
+    }
     out["median"] = med
     print("| path | decode tok/s (median) | vs in process | time to first event (s) | tokens |")
     print("|---|---|---|---|---|")

@@ -12,9 +12,10 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 
 import numpy as np
 
@@ -22,8 +23,25 @@ from mlx_gptoss.config import GptOssConfig, QuantSpec
 from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, split_into_shards, tensor_nbytes
 
 from .destination import SPACE_MARGIN, check_no_overlap, check_replaceable, claimed, destination, staged
-from .layout import (BLOCKS, CONCAT, COPY, DENSE_LAYOUTS, FORMAT_NAME, FORMAT_VERSION, INTERLEAVE, QLIN_B, QLIN_OPS, QLIN_S,
-                     QLIN_W, QUANT_S, QUANT_ST, QUANT_W, QUANT_WT, quantizable, rule_for)  # fmt: skip
+from .layout import (
+    BLOCKS,
+    CONCAT,
+    COPY,
+    DENSE_LAYOUTS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INTERLEAVE,
+    QLIN_B,
+    QLIN_OPS,
+    QLIN_S,
+    QLIN_W,  # fmt: skip
+    QUANT_S,
+    QUANT_ST,
+    QUANT_W,
+    QUANT_WT,
+    quantizable,
+    rule_for,
+)
 from .source import INDEX, ConversionError, Release, open_release
 from .vocab import O200K_BASE_SHA256, TIKTOKEN_FILE, tiktoken_from_tokenizer_json
 
@@ -36,8 +54,11 @@ _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 PRESETS: dict[str, dict[str, QuantSpec | None]] = {
     "none": {},
     # 16 GB Macs: measured in benchmarks/RESULTS.md ("Quality of non-expert quantization").
-    "16gb": {"attention": QuantSpec("affine", 8, 64), "lm_head": QuantSpec("affine", 8, 64),
-             "embed_tokens": QuantSpec("affine", 8, 64)},
+    "16gb": {
+        "attention": QuantSpec("affine", 8, 64),
+        "lm_head": QuantSpec("affine", 8, 64),
+        "embed_tokens": QuantSpec("affine", 8, 64),
+    },
 }
 
 
@@ -124,7 +145,9 @@ def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
         elif op in (QUANT_W, QUANT_S, QUANT_WT, QUANT_ST):
             E, d_out, packed = shape
             d_in = packed * (8 if op in (QUANT_W, QUANT_WT) else 32)
-            want_shape, how = ((E, d_out, d_in), "[E, out, in]") if op in (QUANT_WT, QUANT_ST) else ((E, d_in, d_out), "[E, in, out]")
+            want_shape, how = (
+                ((E, d_out, d_in), "[E, out, in]") if op in (QUANT_WT, QUANT_ST) else ((E, d_in, d_out), "[E, in, out]")
+            )
             if src.shape != want_shape or src.dtype not in FLOATS:
                 raise _mismatch(release, src, ours, f"float {list(want_shape)} (experts as {how})")
             out.append(Planned(ours, "U32" if op in (QUANT_W, QUANT_WT) else "U8", shape, op, infos))
@@ -147,7 +170,9 @@ def _quantize_expert(info: TensorInfo, e: int, fh: BinaryIO, transposed: bool = 
     d_in, d_out = info.shape[2:0:-1] if transposed else info.shape[1:]
     size = DTYPE_SIZE[info.dtype] * d_in * d_out
     fh.seek(info.begin + e * size)
-    raw = np.frombuffer(fh.read(size), dtype=np.uint16 if info.dtype == "BF16" else {"F16": np.float16, "F32": np.float32}[info.dtype])
+    raw = np.frombuffer(
+        fh.read(size), dtype=np.uint16 if info.dtype == "BF16" else {"F16": np.float16, "F32": np.float32}[info.dtype]
+    )
     w = mx.array(raw).view(mx.bfloat16) if info.dtype == "BF16" else mx.array(raw)
     w = w.reshape(d_out, d_in) if transposed else w.reshape(d_in, d_out).T
     codes, scales = mx.quantize(w.astype(mx.float32), group_size=32, bits=4, mode="mxfp4")
@@ -164,7 +189,12 @@ def _rows(infos: list[TensorInfo], fh, max_bytes: int = 64 << 20) -> Iterable[np
             n = min(step, info.shape[0] - r)
             f = fh(info.file)
             f.seek(info.begin + r * row_bytes)
-            yield info.dtype, np.frombuffer(f.read(n * row_bytes), dtype={"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[info.dtype]).reshape(n, -1)
+            yield (
+                info.dtype,
+                np.frombuffer(
+                    f.read(n * row_bytes), dtype={"BF16": np.uint16, "F16": np.float16, "F32": np.float32}[info.dtype]
+                ).reshape(n, -1),
+            )
 
 
 def _quantize_rows(dtype: str, rows: np.ndarray, spec: QuantSpec) -> dict[str, np.ndarray]:

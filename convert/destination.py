@@ -19,9 +19,9 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from mlx_gptoss.safetensors_io import fsync_dir
 
@@ -128,7 +128,7 @@ class DestinationLock:
         self.path = dst.parent / f".{dst.name}.lock"
         self._fd: int | None = None
 
-    def __enter__(self) -> "DestinationLock":
+    def __enter__(self) -> DestinationLock:
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -21,15 +21,21 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO
 
 import numpy as np
 
 from mlx_gptoss.config import ConfigError, GptOssConfig, QuantSpec, read_json
-from mlx_gptoss.safetensors_io import (NUMPY_DTYPE, SafetensorsWriter, TensorInfo,
-                                       split_into_shards, tensor_nbytes)  # fmt: skip
+from mlx_gptoss.safetensors_io import (
+    NUMPY_DTYPE,
+    SafetensorsWriter,
+    TensorInfo,
+    split_into_shards,  # fmt: skip
+    tensor_nbytes,
+)
 
 from .convert import DEFAULT_SHARD_BYTES, TOKENIZER_FILES, _expected_params, _is_output
 from .destination import SPACE_MARGIN, check_no_overlap, check_replaceable, claimed, destination, staged
@@ -90,10 +96,14 @@ def open_model(model: str | Path) -> Model:
             raise ConversionError(f"{info.file}: unexpected tensor {name!r} (does config.json match the weights?)")
         shape, kind = expected[name]
         if info.shape != shape or (kind != "float" and info.dtype != kind):
-            raise ConversionError(f"{info.file}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected {kind} {list(shape)}")
+            raise ConversionError(
+                f"{info.file}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected {kind} {list(shape)}"
+            )
     missing = [k for k in expected if k not in found]
     if missing:
-        raise ConversionError(f"{root}: missing tensor(s) {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        raise ConversionError(
+            f"{root}: missing tensor(s) {', '.join(missing[:3])}" + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        )
     return Model(root, config, raw, {k: found[k] for k in expected})
 
 
@@ -129,7 +139,9 @@ def plan_export(m: Model, fmt: str, dequantize: bool = False) -> list[Piece]:
             cols = info.shape[1] * 32 // spec.bits
             q = (m.tensors[module + ".scales"], m.tensors.get(module + ".biases"), spec)
             ranges = _row_splits(m.config, len(names), info.shape[0], ours) if op == CONCAT else [None]
-            out += [Piece(n, "BF16", ((r[1] - r[0]) if r else info.shape[0], cols), info, r, quant=q) for n, r in zip(names, ranges)]
+            out += [
+                Piece(n, "BF16", ((r[1] - r[0]) if r else info.shape[0], cols), info, r, quant=q) for n, r in zip(names, ranges)
+            ]
             continue
         found = source_keys(ours, fmt)
         if found is None:

@@ -40,7 +40,9 @@ def download(repo_id: str, *, revision: str | None = None, offline_hint: str = O
         ) from None
     except (GatedRepoError, RepositoryNotFoundError) as e:
         how = "HF_TOKEN is set but was refused" if token else "set HF_TOKEN to a token with access (or `hf auth login`)"
-        raise ConversionError(f"cannot download {repo_id}: no access ({e.__class__.__name__}; a private or gated repo?): {how}") from None
+        raise ConversionError(
+            f"cannot download {repo_id}: no access ({e.__class__.__name__}; a private or gated repo?): {how}"
+        ) from None
     except (HfHubHTTPError, OSError) as e:
         raise ConversionError(f"cannot download {repo_id}: {e}") from None
 

@@ -10,7 +10,8 @@ MXFP4 experts only: anything else is refused, never dequantized and quantized ag
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from mlx_gptoss.config import ConfigError, QuantSpec
 from mlx_gptoss.safetensors_io import TensorInfo
@@ -49,7 +50,9 @@ def _stored(path: str, entry: Any, defaults: Mapping[str, Any], tensors: Mapping
                          f"found {bits!r} and {group!r}")  # fmt: skip
     w, s = tensors.get(f"{path}.weight"), tensors[f"{path}.scales"]
     if w is None or w.dtype != "U32":
-        raise ValueError(f"{where}: {path}.scales is there but {path}.weight is " + ("missing" if w is None else f"{w.dtype}, not packed U32"))
+        raise ValueError(
+            f"{where}: {path}.scales is there but {path}.weight is " + ("missing" if w is None else f"{w.dtype}, not packed U32")
+        )
     want_scales = "U8" if mode != "affine" else "a float"
     d_in = w.shape[-1] * 32 // bits
     if (s.dtype == "U8") != (mode != "affine") or d_in != s.shape[-1] * group or s.shape[:-1] != w.shape[:-1]:
@@ -66,7 +69,9 @@ def _fmt(stored: tuple | None) -> str:
     return "float" if stored is None else f"{stored[0]} {stored[1]}-bit (groups of {stored[2]})"
 
 
-def read_quantization(raw: Mapping[str, Any], tensors: Mapping[str, TensorInfo], n_layers: int, where: str) -> dict[str, QuantSpec]:
+def read_quantization(
+    raw: Mapping[str, Any], tensors: Mapping[str, TensorInfo], n_layers: int, where: str
+) -> dict[str, QuantSpec]:
     """Our component -> QuantSpec for an mlx-lm checkpoint; raises ValueError naming the path at fault.
 
     Args:

@@ -74,8 +74,7 @@ def _shard_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     if missing:
         n = sum(1 for v in weight_map.values() if v in missing)
         raise ConversionError(
-            f"{root}: missing shard(s) {', '.join(missing)} — listed in {INDEX} for {n} tensor(s); "
-            "re-download the checkpoint"
+            f"{root}: missing shard(s) {', '.join(missing)} — listed in {INDEX} for {n} tensor(s); re-download the checkpoint"
         )
     stray = sorted(p.name for p in root.glob("*.safetensors") if p.name not in files)
     if stray:  # mlx-lm would load it too: a half-converted folder, or two checkpoints in one
@@ -155,7 +154,7 @@ def _strip_prefix(tensors: dict[str, TensorInfo], root: Path) -> dict[str, Tenso
     if without is not None:
         raise ConversionError(f"{root}: {with_prefix[0]!r} carries mlx-vlm's {PREFIX!r} prefix but {without!r} does not "
                               "(a mixed folder?); give a folder of one checkpoint")  # fmt: skip
-    return {n[len(PREFIX):]: dataclasses.replace(t, name=n[len(PREFIX):]) for n, t in tensors.items()}
+    return {n[len(PREFIX) :]: dataclasses.replace(t, name=n[len(PREFIX) :]) for n, t in tensors.items()}
 
 
 def _detect(tensors: dict[str, TensorInfo], root: Path, cfg_path: Path) -> str:

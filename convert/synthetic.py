@@ -16,8 +16,8 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -226,7 +226,9 @@ def original_config_dict(cfg: GptOssConfig) -> dict:
     }  # fmt: skip
 
 
-def _write_files(path: Path, groups: list[list[tuple[str, str, tuple[int, ...], list[_Spec]]]], seed: int, names: list[str], progress=None) -> dict[str, str]:
+def _write_files(
+    path: Path, groups: list[list[tuple[str, str, tuple[int, ...], list[_Spec]]]], seed: int, names: list[str], progress=None
+) -> dict[str, str]:
     weight_map = {}
     for fname, group in zip(names, groups):
         with SafetensorsWriter(path / fname, [(n, d, s) for n, d, s, _ in group], {"format": "pt"}) as w:
@@ -265,9 +267,13 @@ def write_release(
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
         weight_map = _write_files(dst, groups, seed, names, progress)
         total = sum(os.path.getsize(dst / n) for n in names)
-        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (dst / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
         (dst / "config.json").write_text(json.dumps(hf_config_dict(config, dense=layout == HF_DENSE), indent=2))
-        (dst / "generation_config.json").write_text(json.dumps({"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999}))
+        (dst / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": 199998, "eos_token_id": [200002, 199999, 200012], "pad_token_id": 199999})
+        )
     elif layout == ORIGINAL:
         (dst / "original").mkdir()
         _write_files(dst / "original", [_original_specs(config)], seed, ["model.safetensors"], progress)

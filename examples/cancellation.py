@@ -1,6 +1,6 @@
 """An app's stop button: cancel a reply from another thread; the session stays usable.
 
-    python examples/cancellation.py ~/models/gpt-oss-20b
+python examples/cancellation.py ~/models/gpt-oss-20b
 """
 
 import sys

@@ -47,8 +47,10 @@ def main() -> None:
 
     def progress(p) -> None:
         if p.kind == "train" and p.loss is not None:
-            print(f"step {p.step}/{p.total_steps}  loss {p.loss:.3f}  {p.tokens_per_s:.0f} tok/s  "
-                  f"peak {p.peak_memory_gb:.1f} GB", file=sys.stderr)
+            print(
+                f"step {p.step}/{p.total_steps}  loss {p.loss:.3f}  {p.tokens_per_s:.0f} tok/s  peak {p.peak_memory_gb:.1f} GB",
+                file=sys.stderr,
+            )
 
     resume = (out / "checkpoints").is_dir()
     signal.signal(signal.SIGINT, lambda *_: stop.set())  # Ctrl-C: finish the step, save, return

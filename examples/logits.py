@@ -1,6 +1,6 @@
 """Use the model as a plain function: next-token probabilities for a harmony prompt.
 
-    python examples/logits.py ~/models/gpt-oss-20b
+python examples/logits.py ~/models/gpt-oss-20b
 """
 
 import sys

@@ -24,8 +24,11 @@ def main() -> None:
 
     result = mlx_gptoss.generate(model, question, reasoning_effort="low", max_tokens=400, on_text=show)
     print()
-    print(f"[{result.generation_tokens} tokens at {result.generation_tps:.1f} tok/s, "
-          f"finish: {result.finish_reason}, peak memory {result.peak_memory_gb:.1f} GB]", file=sys.stderr)
+    print(
+        f"[{result.generation_tokens} tokens at {result.generation_tps:.1f} tok/s, "
+        f"finish: {result.finish_reason}, peak memory {result.peak_memory_gb:.1f} GB]",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

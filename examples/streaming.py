@@ -1,6 +1,6 @@
 """Streaming typed events from a chat session: reasoning, answer and tool calls as they arrive.
 
-    python examples/streaming.py ~/models/gpt-oss-20b
+python examples/streaming.py ~/models/gpt-oss-20b
 """
 
 import sys

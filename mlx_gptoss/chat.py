@@ -21,15 +21,27 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import mlx.core as mx
 
 from .generate import GenerationResult, PromptTooLongError, make_sampler, stream_tokens
-from .harmony import (CommentaryDelta, Event, FinalDelta, HarmonyStream, ReasoningDelta, ToolCall, ToolCallCompleted,
-                      developer_message, for_rendering, render_for_completion, system_message)  # fmt: skip
+from .harmony import (
+    CommentaryDelta,
+    Event,
+    FinalDelta,
+    HarmonyStream,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallCompleted,
+    developer_message,  # fmt: skip
+    for_rendering,
+    render_for_completion,
+    system_message,
+)
 from .kvreuse import KVState
 from .tokenizer import TokenizerError
 from .tools import Tool, as_tool
@@ -178,7 +190,7 @@ class ChatSession:
         return Conversation.from_messages(self._messages).to_json()
 
     @classmethod
-    def from_json(cls, model, payload: str, *, tools: Sequence[Tool | Callable | Mapping] = (), **defaults: Any) -> "ChatSession":
+    def from_json(cls, model, payload: str, *, tools: Sequence[Tool | Callable | Mapping] = (), **defaults: Any) -> ChatSession:
         """Restore a session saved with :meth:`to_json`. Instructions, effort and tool schemas
         travel in the conversation; pass ``tools`` again to make Python tools callable.
 
@@ -366,7 +378,11 @@ class ChatSession:
             return ids, hidden
         cuts = _turn_starts(messages, hidden)  # each one hides one more whole turn
         if self.context_policy == "error" or not cuts:
-            what = "shorten the message, lower max_tokens, or reset the conversation" if cuts else "shorten the message or lower max_tokens"
+            what = (
+                "shorten the message, lower max_tokens, or reset the conversation"
+                if cuts
+                else "shorten the message or lower max_tokens"
+            )
             raise PromptTooLongError(
                 f"the conversation makes a prompt of {len(ids)} tokens; with max_tokens={max_tokens} for the reply "
                 f"that exceeds {self._context_text()} "
@@ -510,7 +526,7 @@ class _CallIds:
     def __init__(self, n: int):
         self.n = n
 
-    def __iter__(self) -> "_CallIds":
+    def __iter__(self) -> _CallIds:
         return self
 
     def __next__(self) -> str:
@@ -577,9 +593,6 @@ def _checked_text(text: Any, what: str) -> str:
         raise ValueError(f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at character {e.start} "
                          f"(decode its bytes with errors='replace')") from None  # fmt: skip
     return text
-
-
-
 
 
 class _StopText:

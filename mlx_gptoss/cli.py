@@ -27,8 +27,13 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(["hf", "hf-dense", "hf-dense-t", "original", "mlx-lm"]), default=None,
               help="Source layout (default: detected from the tensor names; hf-dense-t: dense experts [E, out, in]).")  # fmt: skip
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output file.")
-@click.option("--preset", type=click.Choice(["none", "16gb"]), default="none", show_default=True,
-              help="Storage of the non-expert weights: 16gb = attention and unembedding 8-bit, embedding 8-bit.")
+@click.option(
+    "--preset",
+    type=click.Choice(["none", "16gb"]),
+    default="none",
+    show_default=True,
+    help="Storage of the non-expert weights: 16gb = attention and unembedding 8-bit, embedding 8-bit.",
+)
 @click.option("--attention", default=None, help="Attention weights: 8, 6, 4 (affine, groups of 64), 4g32, mxfp8 or none.")
 @click.option("--lm-head", default=None, help="Unembedding: as --attention.")
 @click.option("--embedding", default=None, help="Embedding: as --attention.")
@@ -134,8 +139,13 @@ def rm(name: str, yes: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["mlx-lm", "hf"]), required=True,
-              help="mlx-lm: a folder mlx_lm.load loads; hf: the released Hugging Face layout (mxfp4 quantization_config).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mlx-lm", "hf"]),
+    required=True,
+    help="mlx-lm: a folder mlx_lm.load loads; hf: the released Hugging Face layout (mxfp4 quantization_config).",
+)
 @click.option("--dequantize", is_flag=True, help="hf: write layers held quantized as bf16 (then not the release's bytes).")
 @click.option("--force", is_flag=True, help="Replace DST if it is an earlier export or conversion (or empty).")
 @click.option("--shard-size", default="4GB", show_default=True, help="Largest output file.")
@@ -163,8 +173,13 @@ def export(model: str, dst: str, fmt: str, dequantize: bool, force: bool, shard_
 
 @main.command()
 @click.argument("prompt", required=False)
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
+@click.option(
+    "-m",
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="A converted folder, or a Hugging Face repo id (downloaded and converted once).",
+)
 @click.option("--system", default=None, help="Instructions (harmony developer message).")
 @click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
 @click.option("--show-reasoning", is_flag=True, help="Stream the reasoning (analysis channel) to stderr.")
@@ -172,17 +187,35 @@ def export(model: str, dst: str, fmt: str, dequantize: bool, force: bool, shard_
 @click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely tokens (0 = all).")
-@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Drop tokens less likely than min-p times the most likely one (0 = none).")
+@click.option(
+    "--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely tokens (0 = all)."
+)
+@click.option(
+    "--min-p",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Drop tokens less likely than min-p times the most likely one (0 = none).",
+)
 @click.option("--seed", default=None, type=int, help="Random seed, for reproducible sampling.")
-@click.option("--prefill-step", default=None, type=click.IntRange(min=1), help="Prefill chunk (default 512, or the memory plan's).")
+@click.option(
+    "--prefill-step", default=None, type=click.IntRange(min=1), help="Prefill chunk (default 512, or the memory plan's)."
+)
 @click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
-@click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
-              help="With --memory-budget: the longest prompt + reply to reserve the KV cache for.")
+@click.option(
+    "--context",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --memory-budget: the longest prompt + reply to reserve the KV cache for.",
+)
 @click.option("--show-plan", is_flag=True, help="Print the memory plan (with --memory-budget).")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False),
-              help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
+@click.option(
+    "--adapter",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON result instead of streaming.")
 @_download_option
 def generate(prompt: str | None, model: str, system: str | None, reasoning_effort: str, show_reasoning: bool,
@@ -243,29 +276,64 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
 
 
 @main.command()
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
+@click.option(
+    "-m",
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="A converted folder, or a Hugging Face repo id (downloaded and converted once).",
+)
 @click.option("--system", "instructions", default=None, help="Instructions (harmony developer message).")
 @click.option("--reasoning-effort", type=click.Choice(["low", "medium", "high"]), default="medium", show_default=True)
 @click.option("--hide-reasoning", is_flag=True, help="Do not show the reasoning (toggle with /reasoning).")
-@click.option("--max-tokens", default=None, type=click.IntRange(min=1),
-              help="Longest reply  [default: 2048, or half the context when that is less]")
+@click.option(
+    "--max-tokens",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Longest reply  [default: 2048, or half the context when that is less]",
+)
 @click.option("--temp", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely tokens (0 = all).")
-@click.option("--min-p", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True),
-              help="Drop tokens less likely than min-p times the most likely one (0 = none).")
+@click.option(
+    "--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the k most likely tokens (0 = all)."
+)
+@click.option(
+    "--min-p",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Drop tokens less likely than min-p times the most likely one (0 = none).",
+)
 @click.option("--seed", default=None, type=int, help="Random seed, for reproducible sampling.")
-@click.option("--context-policy", type=click.Choice(["rolling", "drop_oldest", "error"]), default="rolling", show_default=True,
-              help="When the conversation fills the context: hide the oldest turns down to half of it (rolling), "
-                   "as few as fit (drop_oldest), or refuse the message (error).")
-@click.option("--load", "load_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Continue a conversation saved with /save.")
+@click.option(
+    "--context-policy",
+    type=click.Choice(["rolling", "drop_oldest", "error"]),
+    default="rolling",
+    show_default=True,
+    help="When the conversation fills the context: hide the oldest turns down to half of it (rolling), "
+    "as few as fit (drop_oldest), or refuse the message (error).",
+)
+@click.option(
+    "--load",
+    "load_file",
+    default=None,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Continue a conversation saved with /save.",
+)
 @click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
-@click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
-              help="With --memory-budget: the longest conversation to reserve the KV cache for.")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False),
-              help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
+@click.option(
+    "--context",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --memory-budget: the longest conversation to reserve the KV cache for.",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.",
+)
 @_download_option
 def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reasoning: bool, max_tokens: int | None,
          temp: float, top_p: float, top_k: int, min_p: float, seed: int | None, context_policy: str,
@@ -307,25 +375,52 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
 
 
 @main.command()
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
+@click.option(
+    "-m",
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="A converted folder, or a Hugging Face repo id (downloaded and converted once).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback needs --api-key.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--api-key", default=None, envvar="MLX_GPTOSS_API_KEY", help="Require 'Authorization: Bearer KEY' (or set MLX_GPTOSS_API_KEY).")
-@click.option("--adapter", default=None, type=click.Path(file_okay=False),
-              help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.")
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="MLX_GPTOSS_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (or set MLX_GPTOSS_API_KEY).",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A LoRA adapter folder (mlx-gptoss, PEFT or mlx-lm) to apply, unfused.",
+)
 @click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB (see `mlx-gptoss doctor`).")
-@click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1),
-              help="With --memory-budget: the longest prompt + reply to reserve the KV cache for.")
-@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(min=1), help="Requests waiting beyond this get 429.")
-@click.option("--max-tokens", default=None, type=click.IntRange(min=1), help="Longest reply a request may ask for  [default: half the context]")
+@click.option(
+    "--context",
+    default=8192,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --memory-budget: the longest prompt + reply to reserve the KV cache for.",
+)
+@click.option(
+    "--max-queue", default=16, show_default=True, type=click.IntRange(min=1), help="Requests waiting beyond this get 429."
+)
+@click.option(
+    "--max-tokens",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Longest reply a request may ask for  [default: half the context]",
+)
 @click.option("--cors-origin", default=None, help="The one browser origin allowed to call the API (default: none).")
 @_download_option
 def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | None, memory_budget: str | None, context: int,
           max_queue: int, max_tokens: int | None, cors_origin: str | None) -> None:  # fmt: skip
     """Serve the model over HTTP: OpenAI's Responses API and Chat Completions (see README "Serve")."""
     try:
-        from mlx_gptoss.server.app import is_loopback, serve as run
+        from mlx_gptoss.server.app import is_loopback
+        from mlx_gptoss.server.app import serve as run
     except ImportError as e:
         raise _Fail(f"the server needs its extra: pip install 'mlx-gptoss[server]' ({e.name} is missing)") from None
     from mlx_gptoss.tokenizer import TokenizerError
@@ -342,12 +437,18 @@ def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | 
 @main.command()
 @click.option("-m", "--model", default=None, help="A converted model folder, or a repo id converted before, to size up.")
 @click.option("--context", default=8192, show_default=True, type=click.IntRange(min=1))
-@click.option("--train-seq-len", default=None, type=click.IntRange(min=2), help="Plan LoRA training on sequences this long instead.")
+@click.option(
+    "--train-seq-len", default=None, type=click.IntRange(min=2), help="Plan LoRA training on sequences this long instead."
+)
 @click.option("--lora-rank", default=8, show_default=True, type=click.IntRange(min=1), help="With --train-seq-len.")
 @click.option("--lora-targets", default="attention", show_default=True, help="With --train-seq-len: attention, router, experts.")
 @click.option("--lora-layers", default="all", show_default=True, help='With --train-seq-len: "all", "last:N" or 0,1,2.')
-@click.option("--kernels", "check_kernels", is_flag=True,
-              help="Check the custom GPU kernels against their twins and time them: a report to paste into an issue.")
+@click.option(
+    "--kernels",
+    "check_kernels",
+    is_flag=True,
+    help="Check the custom GPU kernels against their twins and time them: a report to paste into an issue.",
+)
 def doctor(model: str | None, context: int, train_seq_len: int | None, lora_rank: int, lora_targets: str, lora_layers: str,
            check_kernels: bool) -> None:  # fmt: skip
     """This machine's memory and GPU limit, the model's components, and a budget that fits."""
@@ -395,16 +496,35 @@ def _parse_layers(text: str, num_layers: int) -> tuple[int, ...] | None:
 
 
 @lora.command("train")
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-              help="A converted folder, or a Hugging Face repo id (downloaded and converted once).")
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
-              help="Training data: JSON lines (chats, harmony conversations, prompt/completion, text).")
+@click.option(
+    "-m",
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="A converted folder, or a Hugging Face repo id (downloaded and converted once).",
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Training data: JSON lines (chats, harmony conversations, prompt/completion, text).",
+)
 @click.option("--valid", default=None, type=click.Path(dir_okay=False), help="Validation data, same formats.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
-              help="The adapter folder; it also holds the checkpoints and metrics.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="The adapter folder; it also holds the checkpoints and metrics.",
+)
 @click.option("--rank", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--alpha", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="The update is scaled by alpha / rank.")
+@click.option(
+    "--alpha",
+    default=16.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="The update is scaled by alpha / rank.",
+)
 @click.option("--targets", default="attention", show_default=True, help="Comma list of attention, router, experts.")
 @click.option("--layers", default="all", show_default=True, help='"all", "last:N" or layer indices like 0,1,2.')
 @click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
@@ -415,17 +535,41 @@ def _parse_layers(text: str, num_layers: int) -> tuple[int, ...] | None:
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--grad-accum", default=1, show_default=True, type=click.IntRange(min=1), help="Micro-batches per step.")
 @click.option("--max-seq-len", default=2048, show_default=True, type=click.IntRange(min=2))
-@click.option("--train-on", type=click.Choice(["final", "assistant"]), default="final", show_default=True,
-              help="Train the final answers only, or everything the assistant writes (reasoning, tool calls, final).")
-@click.option("--overflow", type=click.Choice(["skip", "truncate"]), default="skip", show_default=True,
-              help="What to do with an example longer than --max-seq-len.")
-@click.option("--memory-budget", default=None, help="Keep memory under this, e.g. 9.5GB, planned for training: adapters, AdamW, one step's activations for --max-seq-len (see `mlx-gptoss doctor --train-seq-len`).")
-@click.option("--save-every", default=100, show_default=True, type=click.IntRange(min=0), help="Checkpoint every N steps (0: at the end).")
-@click.option("--eval-every", default=100, show_default=True, type=click.IntRange(min=0), help="Validation loss every N steps (0: at the end).")
+@click.option(
+    "--train-on",
+    type=click.Choice(["final", "assistant"]),
+    default="final",
+    show_default=True,
+    help="Train the final answers only, or everything the assistant writes (reasoning, tool calls, final).",
+)
+@click.option(
+    "--overflow",
+    type=click.Choice(["skip", "truncate"]),
+    default="skip",
+    show_default=True,
+    help="What to do with an example longer than --max-seq-len.",
+)
+@click.option(
+    "--memory-budget",
+    default=None,
+    help="Keep memory under this, e.g. 9.5GB, planned for training: adapters, AdamW, one step's activations for --max-seq-len (see `mlx-gptoss doctor --train-seq-len`).",
+)
+@click.option(
+    "--save-every", default=100, show_default=True, type=click.IntRange(min=0), help="Checkpoint every N steps (0: at the end)."
+)
+@click.option(
+    "--eval-every",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Validation loss every N steps (0: at the end).",
+)
 @click.option("--eval-batches", default=25, show_default=True, type=click.IntRange(min=1))
 @click.option("--resume", is_flag=True, help="Continue the run saved in the output folder (its adapter options are kept).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--metrics", default=None, type=click.Path(dir_okay=False), help="JSON lines of metrics (default: OUTPUT/metrics.jsonl).")
+@click.option(
+    "--metrics", default=None, type=click.Path(dir_okay=False), help="JSON lines of metrics (default: OUTPUT/metrics.jsonl)."
+)
 @click.option("--plot", is_flag=True, help="Draw the loss curve into OUTPUT/loss.png (needs matplotlib).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 @_download_option
@@ -440,16 +584,16 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
     import threading
     from pathlib import Path
 
-    from mlx_gptoss.loader import load
+    from tqdm import tqdm
+
+    from mlx_gptoss.loader import load, resolve_config
     from mlx_gptoss.lora.adapters import LoRASpec, apply_lora
     from mlx_gptoss.lora.checkpoint import latest_checkpoint, resume_state
     from mlx_gptoss.lora.data import load_dataset
-    from mlx_gptoss.loader import resolve_config
     from mlx_gptoss.lora.plan import training_plan
     from mlx_gptoss.lora.plot import plot_metrics, require_matplotlib
     from mlx_gptoss.lora.train import TrainConfig, refuse_finished_adapter, refuse_model_folder, train
     from mlx_gptoss.tokenizer import TokenizerError
-    from tqdm import tqdm
 
     out = Path(output).expanduser()
     cfg = TrainConfig(out, iterations=iters, epochs=epochs, batch_size=batch_size, grad_accumulation=grad_accum,
@@ -535,15 +679,29 @@ def lora_train(model: str, data: str, valid: str | None, output: str, rank: int,
 
 
 @lora.command("fuse")
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-              help="The converted base model the adapter was trained on.")
-@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="The adapter folder (mlx-gptoss, PEFT or mlx-lm).")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="The fused model's folder (must not exist).")
+@click.option(
+    "-m", "--model", default=DEFAULT_MODEL, show_default=True, help="The converted base model the adapter was trained on."
+)
+@click.option(
+    "--adapter", required=True, type=click.Path(file_okay=False), help="The adapter folder (mlx-gptoss, PEFT or mlx-lm)."
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="The fused model's folder (must not exist)."
+)
 @click.option("--experts-bf16", is_flag=True, help="Fuse expert adapters into dense bf16 experts (not supported yet: says why).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Storage of the merged float weights (default: the base's; float32 keeps the whole update).")
-@click.option("--check-tokens", default=64, show_default=True, type=click.IntRange(min=0),
-              help="Random tokens for the KL check of fused against unfused (0: skip it).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Storage of the merged float weights (default: the base's; float32 keeps the whole update).",
+)
+@click.option(
+    "--check-tokens",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Random tokens for the KL check of fused against unfused (0: skip it).",
+)
 def lora_fuse(model: str, adapter: str, output: str, experts_bf16: bool, dtype: str | None, check_tokens: int) -> None:
     """Merge an adapter's attention and router updates into a new model folder; report the error."""
     from mlx_gptoss.lora.fuse import fuse
@@ -554,7 +712,9 @@ def lora_fuse(model: str, adapter: str, output: str, experts_bf16: bool, dtype: 
     except (ValueError, TokenizerError) as e:
         raise _Fail(str(e)) from None
     except OSError as e:  # a failed write: the partial folder is already removed
-        raise _Fail(f"{output}: fuse failed, nothing was left behind: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")) from None
+        raise _Fail(
+            f"{output}: fuse failed, nothing was left behind: {e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+        ) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

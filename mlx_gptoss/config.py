@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -60,7 +61,7 @@ class QuantSpec:
             raise ConfigError(f"affine quantization uses groups of {AFFINE_GROUPS}, not {self.group_size}")
 
     @classmethod
-    def parse(cls, text: str) -> "QuantSpec | None":
+    def parse(cls, text: str) -> QuantSpec | None:
         """'8', '6', '4' (affine, groups of 64), '4g32' (group size), 'mxfp8', or 'none'."""
         t = text.strip().lower()
         if t in ("none", "bf16", "16"):
@@ -136,9 +137,7 @@ class GptOssConfig:
             object.__setattr__(self, "layer_types", types)
         problems = []
         if len(self.layer_types) != self.num_hidden_layers:
-            problems.append(
-                f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_hidden_layers}"
-            )
+            problems.append(f"layer_types has {len(self.layer_types)} entries, num_hidden_layers is {self.num_hidden_layers}")
         if bad := sorted(set(self.layer_types) - {SLIDING, FULL}):
             problems.append(f"layer_types has unknown entries {bad}")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -155,7 +154,7 @@ class GptOssConfig:
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> "GptOssConfig":
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "config.json") -> GptOssConfig:
         """Build from a Hugging Face style gpt-oss config dict (as in the released config.json).
 
         Every known key is checked for its JSON type and range, and the nested ``rope_scaling``
@@ -216,7 +215,7 @@ class GptOssConfig:
         )
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "GptOssConfig":
+    def from_file(cls, path: str | Path) -> GptOssConfig:
         """Read and check a config.json (see :meth:`from_dict`); errors name the file."""
         return cls.from_dict(read_json(path), source=str(path))
 
@@ -237,7 +236,7 @@ class GptOssConfig:
         return dict(self.quantization).get(component)
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "GptOssConfig":
+    def tiny(cls, **overrides: Any) -> GptOssConfig:
         """A small model for tests: every architectural feature, few parameters."""
         kw: dict[str, Any] = dict(
             num_hidden_layers=4,
@@ -256,12 +255,12 @@ class GptOssConfig:
         return cls(**kw)
 
     @classmethod
-    def gpt_oss_20b(cls, **overrides: Any) -> "GptOssConfig":
+    def gpt_oss_20b(cls, **overrides: Any) -> GptOssConfig:
         """The released gpt-oss-20b shapes."""
         return cls.tiny(**{**_SHAPES_20B, **overrides})
 
     @classmethod
-    def gpt_oss_120b(cls, **overrides: Any) -> "GptOssConfig":
+    def gpt_oss_120b(cls, **overrides: Any) -> GptOssConfig:
         """The released gpt-oss-120b shapes."""
         return cls.tiny(**{**_SHAPES_20B, "num_hidden_layers": 36, "num_local_experts": 128, **overrides})
 

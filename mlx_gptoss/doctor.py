@@ -89,7 +89,9 @@ def report(model_dir: Path | None, context: int = 8192, *, train_seq_len: int | 
         plan = plan_memory(config, tensors, budget, context=context)
         lines += [f"at the recommended budget of {budget / GB:.1f} GB:", plan.table()]
         if plan.streaming:
-            lines.append(f"verdict: runs with expert streaming ({plan.expert_slots}/{plan.n_experts} experts per layer resident).")
+            lines.append(
+                f"verdict: runs with expert streaming ({plan.expert_slots}/{plan.n_experts} experts per layer resident)."
+            )
     except BudgetError as e:
         lines.append(f"verdict: does not fit the recommended budget: {e}")
     if not quantized:
@@ -112,7 +114,9 @@ def _training(config, tensors, seq_len: int, spec, budget: int) -> list[str]:  #
         plan = plan_training(config, tensors, spec, max_seq_len=seq_len, budget=budget)
         lines += [f"at the recommended budget of {budget / GB:.1f} GB:", plan.table()]
         if plan.streaming:
-            lines.append(f"verdict: trains with expert streaming ({plan.expert_slots}/{plan.n_experts} experts per layer resident).")
+            lines.append(
+                f"verdict: trains with expert streaming ({plan.expert_slots}/{plan.n_experts} experts per layer resident)."
+            )
     except BudgetError as e:
         lines.append(f"verdict: does not fit the recommended budget: {e}")
     return lines

@@ -6,8 +6,9 @@ import numbers
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import mlx.core as mx
 
@@ -154,7 +155,11 @@ def _stream_locked(model, prompt, *, max_tokens, seed, stop_tokens, prefill_step
     if plan is not None:
         n_ctx = min(n_ctx, plan.context)
     if len(prompt) + max_tokens > n_ctx:
-        limit = f"the context of {n_ctx} tokens the memory budget was planned for (load with a larger context=)" if plan is not None and n_ctx == plan.context else f"the model's context of {n_ctx} tokens"
+        limit = (
+            f"the context of {n_ctx} tokens the memory budget was planned for (load with a larger context=)"
+            if plan is not None and n_ctx == plan.context
+            else f"the model's context of {n_ctx} tokens"
+        )
         raise PromptTooLongError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds {limit}")
     if prefill_step is None:
         prefill_step = plan.prefill_step if plan is not None else DEFAULT_PREFILL_STEP
@@ -189,7 +194,9 @@ def _stream_locked(model, prompt, *, max_tokens, seed, stop_tokens, prefill_step
             mx.async_eval(nxt)
         token = y.item()
         if not 0 <= token < vocab:
-            raise ValueError(f"the sampler returned token id {token}, outside the model's vocabulary of {vocab} ids (0..{vocab - 1})")
+            raise ValueError(
+                f"the sampler returned token id {token}, outside the model's vocabulary of {vocab} ids (0..{vocab - 1})"
+            )
         if nxt is not None and on_fed is not None:
             on_fed(token)
         if t_first is None:

@@ -5,9 +5,10 @@ token stream into typed events (reasoning, answer, tool calls) that never raise.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding, Message
@@ -16,7 +17,7 @@ Effort = Literal["low", "medium", "high"]
 EFFORTS = ("low", "medium", "high")
 
 
-def system_message(reasoning_effort: Effort = "medium", *, identity: str | None = None, today: date | None = None) -> "Message":
+def system_message(reasoning_effort: Effort = "medium", *, identity: str | None = None, today: date | None = None) -> Message:
     """Harmony's system message: reasoning effort, date and (optionally) the model identity line."""
     from openai_harmony import Message, ReasoningEffort, Role, SystemContent
 
@@ -29,7 +30,7 @@ def system_message(reasoning_effort: Effort = "medium", *, identity: str | None 
     return Message.from_role_and_content(Role.SYSTEM, content)
 
 
-def developer_message(instructions: str | None, tools: Iterable[Any] = ()) -> "Message | None":
+def developer_message(instructions: str | None, tools: Iterable[Any] = ()) -> Message | None:
     """Harmony's developer message: the instructions and the function tools (objects with
     ``name``, ``description`` and ``parameters``, e.g. :class:`~mlx_gptoss.tools.Tool`); None
     when there is neither."""
@@ -42,11 +43,13 @@ def developer_message(instructions: str | None, tools: Iterable[Any] = ()) -> "M
     if instructions:
         content = content.with_instructions(instructions)
     if tools:
-        content = content.with_function_tools([ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in tools])
+        content = content.with_function_tools(
+            [ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in tools]
+        )
     return Message.from_role_and_content(Role.DEVELOPER, content)
 
 
-def for_rendering(messages: list["Message"]) -> list["Message"]:
+def for_rendering(messages: list[Message]) -> list[Message]:
     """The conversation as the model should see it: the reasoning of answered turns dropped.
 
     harmony's renderer drops it only when a user message comes last, not in the middle of a
@@ -59,7 +62,7 @@ def for_rendering(messages: list["Message"]) -> list["Message"]:
 
 
 def render_prompt(
-    encoding: "HarmonyEncoding",
+    encoding: HarmonyEncoding,
     user: str,
     *,
     system: str | None = None,
@@ -80,7 +83,7 @@ def render_prompt(
     return render_for_completion(encoding, messages)
 
 
-def render_for_completion(encoding: "HarmonyEncoding", messages: list["Message"]) -> list[int]:
+def render_for_completion(encoding: HarmonyEncoding, messages: list[Message]) -> list[int]:
     """Token ids of ``messages``, ending where the assistant's reply begins.
 
     Raises :class:`~mlx_gptoss.tokenizer.TokenizerError` (a ValueError) when openai-harmony
@@ -149,7 +152,7 @@ class ToolCallCompleted:
     call: ToolCall
 
 
-Event = Union[ReasoningDelta, FinalDelta, CommentaryDelta, ToolCallStarted, ToolCallDelta, ToolCallCompleted]
+Event = ReasoningDelta | FinalDelta | CommentaryDelta | ToolCallStarted | ToolCallDelta | ToolCallCompleted
 
 
 @dataclass
@@ -176,7 +179,7 @@ class HarmonyStream:
     :attr:`messages` are the assistant messages so far (for the conversation).
     """
 
-    encoding: "HarmonyEncoding"
+    encoding: HarmonyEncoding
     call_ids: Any = None  # iterator of fresh call ids
     problems: list[str] = field(default_factory=list)
 

@@ -28,7 +28,9 @@ class QuantLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         s = self.spec
-        y = kernels.quantized_matmul(x, self.weight, self.scales, self.get("biases"), group_size=s.group_size, bits=s.bits, mode=s.mode)
+        y = kernels.quantized_matmul(
+            x, self.weight, self.scales, self.get("biases"), group_size=s.group_size, bits=s.bits, mode=s.mode
+        )
         return y + self.bias if "bias" in self else y
 
 

@@ -76,10 +76,7 @@ def _format_check(path: Path, raw: Any) -> None:
         hint = ""
         released = ("quantization_config", "experts_per_token", "num_experts")  # HF release, original/ config
         if any(k in raw for k in released) or raw.get("model_type") == "gpt_oss" or (path / "original").is_dir():
-            hint = (
-                f": this is a released checkpoint, not a converted one: convert it first "
-                f"(mlx-gptoss convert {path} DST)"
-            )
+            hint = f": this is a released checkpoint, not a converted one: convert it first (mlx-gptoss convert {path} DST)"
         raise LoadError(f"{cfg}: not an mlx-gptoss checkpoint{hint}")
     if fmt.get("format_version") != FORMAT_VERSION:
         raise LoadError(
@@ -161,7 +158,7 @@ def load(
     prefetch: bool = True,
     verbose: bool = False,
     adapter: str | Path | None = None,
-) -> "GptOss":  # noqa: F821
+) -> GptOss:  # noqa: F821
     """Load a converted gpt-oss model (a folder, or a Hugging Face repo id converted once into a cache).
 
     Args:
@@ -213,7 +210,9 @@ def load(
         load_adapter(model, adapter)
     changed = [f.name for f, before in shards.items() if _file_id(f) != before]
     if changed:
-        raise LoadError(f"{path}: {', '.join(changed)} changed while the model was loading (a conversion writing there?); load it again")
+        raise LoadError(
+            f"{path}: {', '.join(changed)} changed while the model was loading (a conversion writing there?); load it again"
+        )
     if not lazy:
         mx.eval(model.parameters())
     model.tokenizer = Tokenizer(path)

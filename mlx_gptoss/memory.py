@@ -74,7 +74,10 @@ class MemoryPlan:
         rows = [f"{'component':<34} {'GB':>7}  where"]
         for c in self.components:
             rows.append(f"{c.name:<34} {c.nbytes / GB:>7.2f}  {c.where}")
-        rows.append(f"{'total in MLX memory':<34} {self.mlx_bytes / GB:>7.2f}" + (f"  (budget {self.budget / GB:.2f})" if self.budget else ""))
+        rows.append(
+            f"{'total in MLX memory':<34} {self.mlx_bytes / GB:>7.2f}"
+            + (f"  (budget {self.budget / GB:.2f})" if self.budget else "")
+        )
         if self.streaming:
             rows.append(f"experts: {self.expert_slots} of {self.n_experts} per layer resident, the rest read from disk on demand")
         if self.training:
@@ -131,7 +134,9 @@ def plan_memory(
     budget = None if budget is None else parse_size(budget)
     prefill_step = 512
     if budget is not None:
-        prefill_step = next((s for s in PREFILL_STEPS if activation_bytes(config, s, context) <= ACTIVATION_CAP), PREFILL_STEPS[-1])
+        prefill_step = next(
+            (s for s in PREFILL_STEPS if activation_bytes(config, s, context) <= ACTIVATION_CAP), PREFILL_STEPS[-1]
+        )
     kv = kv_cache_bytes(config, context, float_bytes)
     extra = [
         Component(f"KV cache ({context} tokens)", kv, "MLX"),
@@ -187,7 +192,11 @@ def _fit(config: GptOssConfig, tensors: dict[str, TensorInfo], budget: int | Non
         Component(f"experts ({plan.expert_slots}/{E} per layer)", plan.expert_slots * L * expert_bytes, "MLX"),
     ]
     if plan.streaming:
-        comps.append(Component(f"experts ({E - plan.expert_slots}/{E} per layer)", (E - plan.expert_slots) * L * expert_bytes, "disk (streamed)"))
+        comps.append(
+            Component(
+                f"experts ({E - plan.expert_slots}/{E} per layer)", (E - plan.expert_slots) * L * expert_bytes, "disk (streamed)"
+            )
+        )
         if slot_copies:
             comps.append(Component("expert slots re-read in a recompute", slot_copies * plan.expert_slots * expert_bytes, "MLX"))
     plan.components = comps + extra + [Component("runtime (MLX cache, Python)", OVERHEAD, "MLX")]
@@ -285,7 +294,9 @@ def plan_training(
     return plan
 
 
-def budget_for_slots(config: GptOssConfig, tensors: dict[str, TensorInfo], slots: int, *, context: int = 8192, float_bytes: int = 2) -> int:
+def budget_for_slots(
+    config: GptOssConfig, tensors: dict[str, TensorInfo], slots: int, *, context: int = 8192, float_bytes: int = 2
+) -> int:
     """The smallest budget that keeps ``slots`` experts per layer resident."""
     unbounded = plan_memory(config, tensors, 10**15, context=context, float_bytes=float_bytes)
     experts = unbounded.expert_slots * config.num_hidden_layers * unbounded.expert_bytes

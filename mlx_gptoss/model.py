@@ -149,7 +149,7 @@ class GptOss(nn.Module):
         self.tokenizer: Any = None  # set by the loader
         self._decoder: decode.CompiledDecode | None = None
 
-    def chat(self, **options: Any) -> "ChatSession":  # noqa: F821
+    def chat(self, **options: Any) -> ChatSession:  # noqa: F821
         """A harmony chat session with this model; see :class:`mlx_gptoss.chat.ChatSession`."""
         from .chat import ChatSession
 

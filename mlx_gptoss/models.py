@@ -80,7 +80,11 @@ def finish_download(repo_id: str, src: Path, dst: Path, keep: bool) -> None:
              f"`hf cache rm model/{repo_id}` (or --drop-download / {KEEP_ENV}=0 next time)")  # fmt: skip
         return
     freed = drop_download(src)
-    _say(f"dropped the download, {_gb(freed)} freed" if freed is not None else f"{src} is not a Hugging Face cache revision: left as it is")
+    _say(
+        f"dropped the download, {_gb(freed)} freed"
+        if freed is not None
+        else f"{src} is not a Hugging Face cache revision: left as it is"
+    )
 
 
 def verify(path: Path) -> None:
@@ -132,7 +136,9 @@ def list_models() -> list[ModelInfo]:
         if raw is None:
             continue
         quant = raw.get("quantization") or {}
-        q = ", ".join(f"{c} {s.get('mode', 'affine')} {s.get('bits')}-bit" for c, s in sorted(quant.items()) if isinstance(s, dict))
+        q = ", ".join(
+            f"{c} {s.get('mode', 'affine')} {s.get('bits')}-bit" for c, s in sorted(quant.items()) if isinstance(s, dict)
+        )
         meta = raw["mlx_gptoss"]
         out.append(ModelInfo(_name(p.name), p, str(meta.get("source", "?")), sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
                              "experts mxfp4" + (f"; {q}" if q else ""), meta.get("format_version")))  # fmt: skip

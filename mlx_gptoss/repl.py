@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 from .chat import ChatSession, Done
 from .harmony import EFFORTS, CommentaryDelta, FinalDelta, ReasoningDelta, ToolCallCompleted, ToolCallStarted
@@ -177,10 +178,12 @@ class Repl:
         if reply.dropped_turns:
             self.say(self._dim(f"[the {reply.dropped_turns} oldest turn(s) no longer fit the context of "
                                f"{self.session.context_size} tokens: the model no longer sees them; /save keeps them]"))  # fmt: skip
-        self.say(self._dim(
-            f"[{s.generation_tokens} tokens{note} | prompt {s.prompt_tokens} ({s.prefill_tokens} new) at "
-            f"{s.prompt_tps:.1f} tok/s | decode {s.generation_tps:.1f} tok/s | peak {s.peak_memory_gb:.2f} GB]"
-        ))
+        self.say(
+            self._dim(
+                f"[{s.generation_tokens} tokens{note} | prompt {s.prompt_tokens} ({s.prefill_tokens} new) at "
+                f"{s.prompt_tps:.1f} tok/s | decode {s.generation_tps:.1f} tok/s | peak {s.peak_memory_gb:.2f} GB]"
+            )
+        )
         for p in reply.problems:
             self.say(self._dim(f"[warning: {p}]"))
 

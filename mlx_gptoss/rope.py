@@ -47,6 +47,4 @@ class YarnRope:
         self.logit_scale = scaling.attention_factor**2 if scaling is not None else 1.0
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
-        return mx.fast.rope(
-            x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods
-        )
+        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._periods)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -92,9 +93,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
                 raise SafetensorsError(f"{path}: truncated ({size} bytes, not even a header length)")
             n = int.from_bytes(head, "little")
             if n > MAX_HEADER or 8 + n > size:
-                raise SafetensorsError(
-                    f"{path}: truncated or not safetensors (header of {n} bytes declared, file has {size})"
-                )
+                raise SafetensorsError(f"{path}: truncated or not safetensors (header of {n} bytes declared, file has {size})")
             raw = f.read(n)
     except FileNotFoundError:
         raise SafetensorsError(f"{path}: file not found") from None
@@ -108,8 +107,11 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     at, prev = base, None
     for t in sorted(out.values(), key=lambda t: (t.begin, t.end)):
         if t.begin != at:
-            what = f"overlaps tensor {prev!r}" if t.begin < at else f"leaves a gap of {t.begin - at} bytes after " + (
-                f"tensor {prev!r}" if prev else "the header")
+            what = (
+                f"overlaps tensor {prev!r}"
+                if t.begin < at
+                else f"leaves a gap of {t.begin - at} bytes after " + (f"tensor {prev!r}" if prev else "the header")
+            )
             raise SafetensorsError(
                 f"{path}: tensor {t.name!r}: data_offsets {[t.begin - base, t.end - base]} {what} "
                 f"(expected it to start at {at - base})"
@@ -183,7 +185,8 @@ def _strict_json(raw: bytes, where: str) -> Any:
 
 def _kind(v: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(v), f"a number ({v!r})")
+        type(v), f"a number ({v!r})"
+    )
 
 
 def _is_uint(v: Any) -> bool:
@@ -220,9 +223,7 @@ def _entry(path: Path, name: str, h: Any, base: int) -> TensorInfo:
         raise SafetensorsError(f"{where}: data_offsets {offsets} end before they begin")
     want = tensor_nbytes(dtype, tuple(shape))
     if e - b != want:
-        raise SafetensorsError(
-            f"{where}: data_offsets {offsets} hold {e - b} bytes, expected {want} for {dtype} {shape}"
-        )
+        raise SafetensorsError(f"{where}: data_offsets {offsets} hold {e - b} bytes, expected {want} for {dtype} {shape}")
     return TensorInfo(path, name, dtype, tuple(shape), base + b, base + e)
 
 
@@ -271,7 +272,7 @@ class SafetensorsWriter:
             missing = self._sizes[self._next][0]
             raise ValueError(f"{self.path}: closed before tensor {missing!r} was written")
 
-    def __enter__(self) -> "SafetensorsWriter":
+    def __enter__(self) -> SafetensorsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -44,7 +44,7 @@ class StreamStats:
     tokens: int = 0
 
     @classmethod
-    def empty(cls, layers: int) -> "StreamStats":
+    def empty(cls, layers: int) -> StreamStats:
         return cls([0] * layers, [0] * layers, [0] * layers)
 
     def hit_rate(self, layer: int | None = None) -> float:
@@ -134,7 +134,7 @@ class _Shared:
     reader: ExpertReader
     stats: StreamStats
     pool: ThreadPoolExecutor | None
-    layers: list["StreamedMoE"] = field(default_factory=list)
+    layers: list[StreamedMoE] = field(default_factory=list)
     # the slot bookkeeping of all layers (slot maps, staged reads) is changed by one thread at a time
     lock: threading.RLock = field(default_factory=threading.RLock)
     # For measurements only: (layer, router logits [N, E]) -> expert ids [N, K], e.g. a routing
@@ -332,7 +332,7 @@ class StreamedMoE(nn.Module):
             mx.eval(per_pair)  # the next group may overwrite these slots
         return kernels.combine_experts(per_pair, weights).astype(x.dtype)
 
-    def _next_layer(self) -> "StreamedMoE | None":
+    def _next_layer(self) -> StreamedMoE | None:
         layers = self._shared.layers
         return layers[self._layer + 1] if self._layer + 1 < len(layers) else None
 

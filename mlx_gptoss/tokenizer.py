@@ -10,17 +10,18 @@ from __future__ import annotations
 import codecs
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from openai_harmony import HarmonyEncoding
 
 VOCAB_FILE = "o200k_base.tiktoken"
 _lock = threading.Lock()
-_encodings: dict[str, "HarmonyEncoding"] = {}
+_encodings: dict[str, HarmonyEncoding] = {}
 
 
 class TokenizerError(ValueError, RuntimeError):
@@ -49,7 +50,7 @@ def harmony_errors(what: str) -> Iterator[None]:
         ) from None
 
 
-def load_harmony_encoding(vocab_dir: str | Path | None = None) -> "HarmonyEncoding":
+def load_harmony_encoding(vocab_dir: str | Path | None = None) -> HarmonyEncoding:
     """The o200k_harmony encoding, with its vocabulary read from ``vocab_dir`` when it has one."""
     from openai_harmony import HarmonyEncodingName, HarmonyError
     from openai_harmony import load_harmony_encoding as _load
@@ -83,7 +84,7 @@ def load_harmony_encoding(vocab_dir: str | Path | None = None) -> "HarmonyEncodi
 class StreamingDetokenizer:
     """Turns token ids into text as they arrive, holding back incomplete UTF-8 sequences."""
 
-    def __init__(self, encoding: "HarmonyEncoding"):
+    def __init__(self, encoding: HarmonyEncoding):
         self._enc = encoding
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -101,7 +102,7 @@ class Tokenizer:
         self.vocab_dir = Path(vocab_dir) if vocab_dir is not None else None
 
     @cached_property
-    def encoding(self) -> "HarmonyEncoding":
+    def encoding(self) -> HarmonyEncoding:
         """The openai-harmony encoding (loaded on first use: ~0.6 s)."""
         return load_harmony_encoding(self.vocab_dir)
 

@@ -7,7 +7,7 @@ stream through all blocks; the unembedding maps each chain token's direction to 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import mlx.core as mx
 import numpy as np

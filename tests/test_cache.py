@@ -5,12 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY
 
 import mlx_gptoss
 from mlx_gptoss.cache import SlidingKVCache
 from mlx_gptoss.generate import prefill
-
-from conftest import TINY
 
 
 @pytest.fixture(scope="module")

@@ -208,7 +208,9 @@ def test_tool_schema_from_a_function():
         },
         "required": ["city"],
     }
-    schema = as_tool({"type": "function", "function": {"name": "lookup", "description": "Find.", "parameters": {"type": "object"}}})
+    schema = as_tool(
+        {"type": "function", "function": {"name": "lookup", "description": "Find.", "parameters": {"type": "object"}}}
+    )
     assert schema.name == "lookup" and schema.fn is None
     with pytest.raises(TypeError, match="explicit schema"):
         tool_from_function(_bad_tool)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 import mlx_gptoss
 from mlx_gptoss.config import ConfigError, GptOssConfig
@@ -22,8 +23,6 @@ from mlx_gptoss.memory import BudgetError, plan_memory
 from mlx_gptoss.safetensors_io import SafetensorsError, read_header, read_index
 from mlx_gptoss_convert import convert
 from mlx_gptoss_convert.source import ConversionError
-
-from conftest import TINY
 
 safetensors = pytest.importorskip("safetensors")
 
@@ -216,7 +215,14 @@ def test_converter_and_loader_check_the_index(case, releases, tiny_model_dir, tm
 
 
 NAN = float("nan")
-ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": False}
+ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "original_max_position_embeddings": 4096,
+    "truncate": False,
+}
 # name: (key, value, a phrase our message must contain)
 CONFIGS = {
     "int_as_string": ("hidden_size", "64", "hidden_size must be an integer"),

@@ -10,13 +10,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY
+from helpers import fail_write_at, leftovers
 
 from mlx_gptoss.safetensors_io import read_header
 from mlx_gptoss_convert import ConversionError, convert
 from mlx_gptoss_convert.synthetic import write_release
-
-from conftest import TINY
-from helpers import fail_write_at, leftovers
 
 
 def tensors(folder: Path) -> dict[str, np.ndarray]:
@@ -54,7 +53,10 @@ def test_experts_are_the_released_bytes(releases, converted):
 
 def test_dense_experts_quantize_to_the_same_model(converted):
     """Dense exports hold exact MXFP4 values: requantized, they dequantize to the same weights."""
-    hf, dense = mx.load(str(next(converted["hf"].glob("*.safetensors")))), mx.load(str(next(converted["hf-dense"].glob("*.safetensors"))))
+    hf, dense = (
+        mx.load(str(next(converted["hf"].glob("*.safetensors")))),
+        mx.load(str(next(converted["hf-dense"].glob("*.safetensors")))),
+    )
     assert hf.keys() == dense.keys()
     for k in hf:
         if k.endswith((".weight", ".scales")) and (".mlp.gate_up." in k or ".mlp.down." in k):

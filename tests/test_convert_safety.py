@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 
 from mlx_gptoss_convert import ConversionError, convert
 from mlx_gptoss_convert.synthetic import write_release
-
-from conftest import TINY
 
 # Runs the CLI with SafetensorsWriter.write held at its first call until GATE/go exists (GATE/started
 # says it got there), so a test can act on a conversion that is midway.

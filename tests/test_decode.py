@@ -76,7 +76,12 @@ def test_env_var_turns_it_on():
     import sys
 
     code = "from mlx_gptoss import decode; print(decode.enabled())"
-    run = lambda v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_COMPILE": v}, capture_output=True, text=True)  # noqa: E731
+
+    def run(v: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_COMPILE": v}, capture_output=True, text=True
+        )
+
     assert run("1").stdout.strip() == "True"
     assert run("0").stdout.strip() == "False"
     bad = run("yes")

@@ -37,7 +37,9 @@ def test_finetune_example_trains_saves_and_chats_with_the_adapter(vocab_model_di
     import sys
 
     data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]}) + "\n")
+    data.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]}) + "\n"
+    )
     r = subprocess.run([sys.executable, str(EXAMPLES[0].parent / "finetune.py"), str(vocab_model_dir), str(data), str(tmp_path / "ad")],
                        input="hi\n", capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr

@@ -27,8 +27,8 @@ from mlx_gptoss_convert.export import MARKER, export
 from mlx_gptoss_convert.synthetic import write_release
 
 pytest.importorskip("mlx_lm")
-from test_parity import BOUND, relative_error  # noqa: E402  (the parity test's measure and bound)
 from helpers import fail_write_at, leftovers  # noqa: E402
+from test_parity import BOUND, relative_error  # noqa: E402  (the parity test's measure and bound)
 
 CFG = GptOssConfig.tiny(rope_scaling=YarnScaling(factor=1.0))
 Q8 = {"attention": QuantSpec(), "lm_head": QuantSpec(), "embed_tokens": QuantSpec()}

@@ -6,8 +6,16 @@ from datetime import date
 
 import pytest
 
-from mlx_gptoss.harmony import (CommentaryDelta, FinalDelta, HarmonyStream, ReasoningDelta, ToolCallCompleted,
-                                ToolCallDelta, ToolCallStarted, render_prompt)
+from mlx_gptoss.harmony import (
+    CommentaryDelta,
+    FinalDelta,
+    HarmonyStream,
+    ReasoningDelta,
+    ToolCallCompleted,
+    ToolCallDelta,
+    ToolCallStarted,
+    render_prompt,
+)
 from mlx_gptoss.tokenizer import Tokenizer
 
 
@@ -99,9 +107,9 @@ def test_random_token_streams_never_raise(tok):
 
     specials = [tok.encode(s, allow_special=True)[0] for s in
                 ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>")]  # fmt: skip
-    words = tok.encode(" final analysis commentary to=functions.x assistant json {\"a\": 1} hello")
+    words = tok.encode(' final analysis commentary to=functions.x assistant json {"a": 1} hello')
     rng = np.random.default_rng(0)
-    for case in range(3000):
+    for _ in range(3000):
         n = int(rng.integers(1, 40))
         pool = rng.random(n)
         toks = [int(rng.choice(specials)) if p < 0.3 else int(rng.choice(words)) if p < 0.7 else int(rng.integers(0, 199998))
@@ -157,7 +165,9 @@ def test_long_headerless_text_streams_before_the_end(tok):
 
 
 def test_a_missing_end_before_start_does_not_swallow_the_answer(tok):
-    events, stream = run(tok, "<|channel|>analysis<|message|>Thinking.<|start|>assistant<|channel|>final<|message|>Answer.<|return|>")
+    events, stream = run(
+        tok, "<|channel|>analysis<|message|>Thinking.<|start|>assistant<|channel|>final<|message|>Answer.<|return|>"
+    )
     assert texts(events, ReasoningDelta) == "Thinking." and texts(events, FinalDelta) == "Answer."
     assert [(m.channel, m.text) for m in stream.messages] == [("analysis", "Thinking."), ("final", "Answer.")]
     assert any("<|end|>" in p for p in stream.problems)

@@ -97,7 +97,9 @@ def choose(rng, how, N, E, K):
     if how == "all":
         return np.stack([np.roll(np.arange(E), -n)[:K] for n in range(N)])
     if how == "same":
-        return np.stack([np.concatenate([[3], rng.choice([e for e in range(E) if e != 3], K - 1, replace=False)]) for _ in range(N)])
+        return np.stack(
+            [np.concatenate([[3], rng.choice([e for e in range(E) if e != 3], K - 1, replace=False)]) for _ in range(N)]
+        )
     return np.stack([rng.choice(E, K, replace=False) for _ in range(N)])
 
 
@@ -160,8 +162,12 @@ def test_dispatcher_routes_by_token_count(monkeypatch):
     calls = []
     monkeypatch.setattr(kernels, "backend", lambda: "cuda")
     monkeypatch.setattr(selfcheck, "failed", lambda dialect: frozenset())
-    monkeypatch.setattr(gpu, "mxfp4_gate_up_swiglu", lambda *a, dialect, **k: calls.append("gate_up") or ops.mxfp4_gate_up_swiglu(*a, **k))
-    monkeypatch.setattr(gpu, "mxfp4_down_combine", lambda *a, dialect, **k: calls.append("down") or ops.mxfp4_down_combine(*a, **k))
+    monkeypatch.setattr(
+        gpu, "mxfp4_gate_up_swiglu", lambda *a, dialect, **k: calls.append("gate_up") or ops.mxfp4_gate_up_swiglu(*a, **k)
+    )
+    monkeypatch.setattr(
+        gpu, "mxfp4_down_combine", lambda *a, dialect, **k: calls.append("down") or ops.mxfp4_down_combine(*a, **k)
+    )
     rng = np.random.default_rng(5)
     E, K, H, I = 8, 4, 64, 64
     (gw, gs, gb), gdense, gbias = make_experts(rng, E, 2 * I, H)
@@ -171,7 +177,9 @@ def test_dispatcher_routes_by_token_count(monkeypatch):
         x = rng.normal(0, 1, (N, H)).astype(np.float32)
         ids = choose(rng, "random", N, E, K)
         w = rng.dirichlet(np.ones(K), N).astype(np.float32)
-        y = kernels.moe_mxfp4_swiglu(mx.array(x), mx.array(ids.astype(np.uint32)), mx.array(w), gw, gs, gb, dw, ds, db, limit=LIMIT, alpha=ALPHA)
+        y = kernels.moe_mxfp4_swiglu(
+            mx.array(x), mx.array(ids.astype(np.uint32)), mx.array(w), gw, gs, gb, dw, ds, db, limit=LIMIT, alpha=ALPHA
+        )
         ref = ref_down(ref_gate_up(x.astype(np.float64), ids, gdense, gbias), ids, w.astype(np.float64), ddense, dbias)
         assert calls == expected
         assert rel_err(y, ref) < 1e-5
@@ -179,9 +187,13 @@ def test_dispatcher_routes_by_token_count(monkeypatch):
 
 def test_env_var_forces_twin():
     code = "import mlx.core as mx; from mlx_gptoss import kernels; mx.set_default_device(mx.cpu); print(kernels._mode)"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_KERNELS": "twin"}, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_KERNELS": "twin"}, capture_output=True, text=True
+    )
     assert out.stdout.strip() == "twin", out.stderr
-    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_KERNELS": "nope"}, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_KERNELS": "nope"}, capture_output=True, text=True
+    )
     assert bad.returncode != 0 and "MLX_GPTOSS_KERNELS" in bad.stderr
 
 
@@ -296,7 +308,9 @@ def test_selfcheck_mismatch_falls_back_to_twins_with_one_warning(monkeypatch):
 
 def test_selfcheck_compile_error_falls_back(monkeypatch):
     def no_compile(*a, **k):
-        raise RuntimeError("[metal::Device] Unable to build metal library from source\nerror: use of undeclared identifier 'gx_x'")
+        raise RuntimeError(
+            "[metal::Device] Unable to build metal library from source\nerror: use of undeclared identifier 'gx_x'"
+        )
 
     fake_gpu(monkeypatch, route=no_compile)
     logits = mx.array(np.random.default_rng(0).normal(0, 1, (3, 8)).astype(np.float32))
@@ -322,7 +336,9 @@ def test_selfcheck_of_the_real_metal_launchers_on_this_machine(monkeypatch):
 
 def test_doctor_kernels_says_why_kernels_are_not_used_here(tmp_path):
     env = {**os.environ, "MLX_GPTOSS_CACHE": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli", "doctor", "--kernels"], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_gptoss.cli", "doctor", "--kernels"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert f"mlx {mx.__version__}" in r.stdout
     assert "custom kernels: not used here: MLX's default device is the CPU" in r.stdout
@@ -335,10 +351,11 @@ def test_doctor_kernels_says_why_kernels_are_not_used_here(tmp_path):
 # --- the kernel source, as MLX wraps it -----------------------------------------------------
 
 
-
 def slow(fn):
     """The slow lane: marked ``slow`` and skipped unless MLX_GPTOSS_SLOW=1."""
-    return pytest.mark.slow(pytest.mark.skipif(os.environ.get("MLX_GPTOSS_SLOW") != "1", reason="slow lane: set MLX_GPTOSS_SLOW=1")(fn))
+    return pytest.mark.slow(
+        pytest.mark.skipif(os.environ.get("MLX_GPTOSS_SLOW") != "1", reason="slow lane: set MLX_GPTOSS_SLOW=1")(fn)
+    )
 
 
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
@@ -355,7 +372,9 @@ def launchers(name, **kw):
     if name == S.ROUTE_MATVEC:
         return lambda x, w, b: gpu.route_matvec_topk(x, w, b, kw["k"], dialect=kw.get("dialect", "metal"), warps=kw.get("warps"))
     if name == S.GATE_UP:
-        return lambda *a: gpu.mxfp4_gate_up_swiglu(*a, limit=LIMIT, alpha=ALPHA, dialect=kw.get("dialect", "metal"), launch=kw.get("launch"))
+        return lambda *a: gpu.mxfp4_gate_up_swiglu(
+            *a, limit=LIMIT, alpha=ALPHA, dialect=kw.get("dialect", "metal"), launch=kw.get("launch")
+        )
     return lambda *a: gpu.mxfp4_down_combine(*a[:6], a[6] if kw.get("has_res") else None, out_dtype=kw["out_dtype"],
                                              dialect=kw.get("dialect", "metal"), launch=kw.get("launch"))  # fmt: skip
 
@@ -386,9 +405,17 @@ def real_inputs(name, N, E=2, K=4, H=2880, I=2880):
 REAL_KW = {S.ROUTE: {"k": 4}, S.ROUTE_MATVEC: {"k": 4}, S.GATE_UP: {}, S.DOWN: {"has_res": True, "out_dtype": mx.bfloat16}}
 REAL_TEMPLATE = {  # gpt-oss-20b sizes, the template gpu.py passes (for the CUDA rendering, which MLX only builds on CUDA)
     S.ROUTE: (["bfloat16"], ["uint32", "bfloat16"], {"E": 32, "K": 4, "OutT": "bfloat16"}),
-    S.ROUTE_MATVEC: (["bfloat16"] * 3, ["uint32", "bfloat16"], {"E": 32, "K": 4, "H": 2880, "WARPS": gpu.ROUTE_MATVEC_WARPS, "OutT": "bfloat16"}),
+    S.ROUTE_MATVEC: (
+        ["bfloat16"] * 3,
+        ["uint32", "bfloat16"],
+        {"E": 32, "K": 4, "H": 2880, "WARPS": gpu.ROUTE_MATVEC_WARPS, "OutT": "bfloat16"},
+    ),
     S.GATE_UP: (["bfloat16", "uint32", "uint32", "uint8", "bfloat16"], ["float32"], {"H": 2880, "I": 2880, "K": 4}),
-    S.DOWN: (["float32", "uint32", "bfloat16", "uint32", "uint8", "bfloat16", "bfloat16"], ["bfloat16"], {"H": 2880, "I": 2880, "K": 4}),
+    S.DOWN: (
+        ["float32", "uint32", "bfloat16", "uint32", "uint8", "bfloat16", "bfloat16"],
+        ["bfloat16"],
+        {"H": 2880, "I": 2880, "K": 4},
+    ),
 }
 
 
@@ -408,11 +435,20 @@ def test_generated_source_is_mlx_source(name, N):
     arrays = real_inputs(name, N, H=64, I=64)
     launch = capture(name, arrays, **REAL_KW[name])
     tmpl = re.search(r"decltype\(\w+<(.*)>\)", launch.source).group(1).split(", ")
-    names = list(REAL_TEMPLATE[name][2]) + (["JW", "WARPS"] if name in (S.GATE_UP, S.DOWN) else []) + (["HAS_RES", "OutT"] if name == S.DOWN else [])
+    names = (
+        list(REAL_TEMPLATE[name][2])
+        + (["JW", "WARPS"] if name in (S.GATE_UP, S.DOWN) else [])
+        + (["HAS_RES", "OutT"] if name == S.DOWN else [])
+    )
     values = {k: ("bfloat16" if v == "bfloat16_t" else int(v)) for k, v in zip(names, tmpl)}
     if name == S.DOWN:
         values["HAS_RES"] = bool(values["HAS_RES"])
-    out_types = {S.ROUTE: ["uint32", "bfloat16"], S.ROUTE_MATVEC: ["uint32", "bfloat16"], S.GATE_UP: ["float32"], S.DOWN: ["bfloat16"]}[name]
+    out_types = {
+        S.ROUTE: ["uint32", "bfloat16"],
+        S.ROUTE_MATVEC: ["uint32", "bfloat16"],
+        S.GATE_UP: ["float32"],
+        S.DOWN: ["bfloat16"],
+    }[name]
     mine = S.generated_source("metal", name, [t for _, t in arrays], out_types, values, in_sizes=[a.size for a, _ in arrays])
     assert mine == launch.source
     small = [n for n, (a, _) in zip(S.SPECS[name].inputs, arrays) if a.size < S.METAL_CONSTANT_BELOW]
@@ -458,13 +494,21 @@ def _ptxas(tmp_path, name, launch, *flags):
     (tmp_path / "k.cu").write_text(src + S.generated_source("cuda", name, ins, outs, tmpl))
     # with a register cap ptxas warns "Too big maxrregcount value ... ignored" and applies it all the same
     werror = [] if flags else ["-Werror", "all-warnings"]
-    r = subprocess.run(["nvcc", "-arch=sm_90a", *werror, "-c", "k.cu", "-o", "k.o", "-Xptxas", "-v", *flags], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        ["nvcc", "-arch=sm_90a", *werror, "-c", "k.cu", "-o", "k.o", "-Xptxas", "-v", *flags],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     return r.stderr
 
 
 @needs_nvcc
-@pytest.mark.parametrize("name,launch", [(S.ROUTE, None), (S.ROUTE_MATVEC, None)] + [(n, sh) for n in (S.GATE_UP, S.DOWN) for sh in [(4, 4), (4, 8), (8, 2), (8, 4)]])
+@pytest.mark.parametrize(
+    "name,launch",
+    [(S.ROUTE, None), (S.ROUTE_MATVEC, None)] + [(n, sh) for n in (S.GATE_UP, S.DOWN) for sh in [(4, 4), (4, 8), (8, 2), (8, 4)]],
+)
 def test_cuda_source_compiles_without_stack(name, launch, tmp_path):
     """nvcc compiles the CUDA rendering with no stack frame at all: local arrays (accumulators,
     the codes of a row, the activations of a group) stay in registers, spills or not."""
@@ -536,7 +580,9 @@ def run_metal_sim(tmp_path, name, arrays, outs, offsets=None, flags=(), env=None
         arrays = arrays[:6] + arrays[5:6]  # gpu.py passes the bias as the unread residual
     for i, (a, t) in enumerate(arrays):
         if t == "bfloat16":
-            (np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16).tofile(tmp_path / f"in{i}.bin")  # exact: bf16 values
+            (np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16).tofile(
+                tmp_path / f"in{i}.bin"
+            )  # exact: bf16 values
         else:
             np.ascontiguousarray(a, _NP[t]).tofile(tmp_path / f"in{i}.bin")
     _gxx(tmp_path, "sim", sim_program(launch, arrays, outs, offsets, grid), run=True, flags=flags)
@@ -577,7 +623,16 @@ def moe_case(N, E, K, H, I, how, x_scale=1.0):
 @pytest.mark.parametrize(
     "N,E,K,H,I,launch,how,x_scale",
     [
-        (1, 8, 4, 64, 96, (2, 4), "random", 1.0),  # one token (constant indices/weights); a partial tile (96 columns, 8 per group)
+        (
+            1,
+            8,
+            4,
+            64,
+            96,
+            (2, 4),
+            "random",
+            1.0,
+        ),  # one token (constant indices/weights); a partial tile (96 columns, 8 per group)
         (3, 8, 4, 1280, 64, (1, 2), "random", 1.0),  # three tokens; 40 groups per row: lanes loop twice
         (4, 8, 4, 64, 64, (2, 1), "all", 1.0),  # every expert chosen
         (2, 8, 4, 64, 64, (1, 4), "same", 1.0),  # one expert chosen by both
@@ -594,7 +649,9 @@ def test_metal_kernels_run_in_simulator(N, E, K, H, I, launch, how, x_scale, tmp
     act = res[0]
     assert rel_err(act, act_ref) < 1e-5
     has_res = how == "random"  # the residual add fused into the down kernel, or not
-    r, res = run_metal_sim(tmp_path, S.DOWN, down_in(act), [((N, H), "float32")], launch=launch, has_res=has_res, out_dtype=mx.float32)
+    r, res = run_metal_sim(
+        tmp_path, S.DOWN, down_in(act), [((N, H), "float32")], launch=launch, has_res=has_res, out_dtype=mx.float32
+    )
     assert res is not None, r.stderr
     assert rel_err(res[0], down_ref + (resid if has_res else 0)) < 1e-5
 
@@ -665,8 +722,15 @@ def test_simulator_rejects_wrong_types(body, message, tmp_path):
 
 @needs_gxx
 def test_divergent_simd_call_is_an_error_not_a_hang(tmp_path):
-    _gxx(tmp_path, "toy", '#include "metal_sim.h"\n' + _TOY % "if (thread_index_in_simdgroup < 16) y[0] = simd_sum(1.0f);", run=True)
-    r = subprocess.run(["./toy"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "SIM_BARRIER_MS": "300"})
+    _gxx(
+        tmp_path,
+        "toy",
+        '#include "metal_sim.h"\n' + _TOY % "if (thread_index_in_simdgroup < 16) y[0] = simd_sum(1.0f);",
+        run=True,
+    )
+    r = subprocess.run(
+        ["./toy"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "SIM_BARRIER_MS": "300"}
+    )
     assert r.returncode == 4 and "only 16 of 32 threads reached a SIMD-group function" in r.stderr, r.stderr
 
 
@@ -681,15 +745,29 @@ def test_simulator_under_thread_sanitizer(tmp_path):
     env = {"SIM_BARRIER_MS": "600000", "TSAN_OPTIONS": "halt_on_error=1"}
     r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((N, K, I), "float32")], launch=(2, 2), flags=flags, env=env)
     assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
-    r, res = run_metal_sim(tmp_path, S.DOWN, down_in(res[0]), [((N, H), "float32")], launch=(2, 2), has_res=True, out_dtype=mx.float32, flags=flags, env=env)
+    r, res = run_metal_sim(
+        tmp_path,
+        S.DOWN,
+        down_in(res[0]),
+        [((N, H), "float32")],
+        launch=(2, 2),
+        has_res=True,
+        out_dtype=mx.float32,
+        flags=flags,
+        env=env,
+    )
     assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
     assert rel_err(res[0], down_ref + resid) < 1e-5
     # without the barrier between filling shared x and reading it, ThreadSanitizer must object
     no_barrier = lambda src: src.replace("GX_BARRIER;", "", 1)  # noqa: E731
-    r, res = run_metal_sim(tmp_path, S.GATE_UP, gate_up_in, [((N, K, I), "float32")], launch=(2, 2), flags=flags, env=env, edit=no_barrier)
+    r, res = run_metal_sim(
+        tmp_path, S.GATE_UP, gate_up_in, [((N, K, I), "float32")], launch=(2, 2), flags=flags, env=env, edit=no_barrier
+    )
     assert res is None and "data race" in r.stderr, r.stderr[-4000:]
     logits = bf16(np.random.default_rng(0).normal(0, 2, (3, 32)))
-    r, res = run_metal_sim(tmp_path, S.ROUTE, [(logits, "bfloat16")], [((3, K), "uint32"), ((3, K), "bfloat16")], k=K, flags=flags, env=env)
+    r, res = run_metal_sim(
+        tmp_path, S.ROUTE, [(logits, "bfloat16")], [((3, K), "uint32"), ((3, K), "bfloat16")], k=K, flags=flags, env=env
+    )
     assert res is not None and "ThreadSanitizer" not in r.stderr, r.stderr[-4000:]
 
 
@@ -732,7 +810,9 @@ def ref_route_matvec(x, w, b, k):
 def test_route_matvec_twin_matches_reference():
     rng = np.random.default_rng(2)
     x, w, b = bf16(rng.normal(0, 1, (9, 64))), bf16(rng.normal(0, 1, (32, 64))), bf16(rng.normal(0, 1, (32,)))
-    ids, wt = ops.route_matvec_topk(mx.array(x).astype(mx.bfloat16), mx.array(w).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16), 4)
+    ids, wt = ops.route_matvec_topk(
+        mx.array(x).astype(mx.bfloat16), mx.array(w).astype(mx.bfloat16), mx.array(b).astype(mx.bfloat16), 4
+    )
     rid, rw = ref_route_matvec(x, w, b, 4)
     order = np.argsort(np.array(ids), 1)
     assert (np.sort(np.array(ids), 1) == np.sort(rid, 1)).all()

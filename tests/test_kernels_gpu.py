@@ -32,7 +32,9 @@ def kernel_fns(launch_gu=None, launch_dn=None):
         return (
             ops.route_topk_softmax,
             lambda x, i, w, s, b: ops.mxfp4_gate_up_swiglu(x.astype(f32), i, w, s, b.astype(f32), limit=LIMIT, alpha=ALPHA),
-            lambda a, i, wt, w, s, b, r=None, *, out_dtype: ops.mxfp4_down_combine(a, i, wt.astype(f32), w, s, b.astype(f32), r, out_dtype=out_dtype),
+            lambda a, i, wt, w, s, b, r=None, *, out_dtype: ops.mxfp4_down_combine(
+                a, i, wt.astype(f32), w, s, b.astype(f32), r, out_dtype=out_dtype
+            ),
         )
     return (
         partial(gpu.route_topk_softmax, dialect=BACKEND),
@@ -60,7 +62,9 @@ def choose(rng, how, N):
     if how == "all":
         return np.stack([np.roll(np.arange(E), -K * n)[:K] for n in range(N)])
     if how == "same":
-        return np.stack([np.concatenate([[7], rng.choice([e for e in range(E) if e != 7], K - 1, replace=False)]) for _ in range(N)])
+        return np.stack(
+            [np.concatenate([[7], rng.choice([e for e in range(E) if e != 7], K - 1, replace=False)]) for _ in range(N)]
+        )
     return np.stack([rng.choice(E, K, replace=False) for _ in range(N)])
 
 

@@ -12,6 +12,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 import pytest
+from conftest import TINY
 from mlx.utils import tree_flatten
 
 import mlx_gptoss
@@ -20,13 +21,17 @@ from mlx_gptoss.config import QuantSpec
 from mlx_gptoss.kernels import ops
 from mlx_gptoss.layers import QuantLinear
 from mlx_gptoss.lora.adapters import (
-    LoRAError, LoRASpec, apply_lora, last_layers, lora_parameters, remove_lora, set_lora_parameters,
+    LoRAError,
+    LoRASpec,
+    apply_lora,
+    last_layers,
+    lora_parameters,
+    remove_lora,
+    set_lora_parameters,
 )  # fmt: skip
 from mlx_gptoss.lora.io import CONFIG, WEIGHTS, base_fingerprint, load_adapter, save_adapter
 from mlx_gptoss_convert import convert
 from mlx_gptoss_convert.synthetic import dequantize_mxfp4
-
-from conftest import TINY
 
 ALL = ("attention", "router", "experts")
 IDS = mx.array([[5, 17, 3, 99, 250, 7, 1, 42, 8, 300, 11, 64]])
@@ -284,7 +289,10 @@ def test_attention_gradients_match_finite_differences(model):
     W, b = f64(attn.qkv.base.weight), f64(attn.qkv.base.bias)
 
     def ref(q):
-        parts = [X @ q[f"layers.0.self_attn.{n}.lora_a"].T @ q[f"layers.0.self_attn.{n}.lora_b"].T for n in ("q_proj", "k_proj", "v_proj")]
+        parts = [
+            X @ q[f"layers.0.self_attn.{n}.lora_a"].T @ q[f"layers.0.self_attn.{n}.lora_b"].T
+            for n in ("q_proj", "k_proj", "v_proj")
+        ]
         return ((X @ W.T + b + np.concatenate(parts, -1)) * C).sum()
 
     base = {k: f64(v) for k, v in p.items()}
@@ -357,7 +365,9 @@ def saved(model, tmp_path):
     apply_lora(model, spec)
     flat = randomise(model, seed=5)
     logits = model(IDS)
-    dst = save_adapter(model, spec, tmp_path / "ad", base_fingerprint=base_fingerprint(model), base_name="tiny", extra={"steps": 3})
+    dst = save_adapter(
+        model, spec, tmp_path / "ad", base_fingerprint=base_fingerprint(model), base_name="tiny", extra={"steps": 3}
+    )
     remove_lora(model)
     return dst, spec, flat, logits
 
@@ -403,13 +413,22 @@ def rewrite(dst, fn):
         (lambda d: os.truncate(d / WEIGHTS, os.path.getsize(d / WEIGHTS) - 10), "truncated"),
         (lambda d: (d / WEIGHTS).write_bytes(b"\x00" * 3), "truncated"),
         (lambda d: (d / WEIGHTS).unlink(), "file not found"),
-        (lambda d: rewrite(d, lambda w: w.pop("layers.2.mlp.router.lora_b")), "missing adapter tensor 'layers.2.mlp.router.lora_b'"),
-        (lambda d: rewrite(d, lambda w: w.update({"layers.1.mlp.router.lora_a": mx.zeros((3, 64))})),
-         "'layers.1.mlp.router.lora_a' has no place"),
-        (lambda d: rewrite(d, lambda w: w.update({"layers.0.self_attn.q_proj.lora_a": mx.zeros((4, 64))})),
-         r"'layers.0.self_attn.q_proj.lora_a' has shape \(4, 64\), the model expects \(3, 64\)"),
-        (lambda d: rewrite(d, lambda w: w.update({"layers.0.self_attn.q_proj.lora_a": mx.zeros((3, 64), dtype=mx.int32)})),
-         "dtype I32"),
+        (
+            lambda d: rewrite(d, lambda w: w.pop("layers.2.mlp.router.lora_b")),
+            "missing adapter tensor 'layers.2.mlp.router.lora_b'",
+        ),
+        (
+            lambda d: rewrite(d, lambda w: w.update({"layers.1.mlp.router.lora_a": mx.zeros((3, 64))})),
+            "'layers.1.mlp.router.lora_a' has no place",
+        ),
+        (
+            lambda d: rewrite(d, lambda w: w.update({"layers.0.self_attn.q_proj.lora_a": mx.zeros((4, 64))})),
+            r"'layers.0.self_attn.q_proj.lora_a' has shape \(4, 64\), the model expects \(3, 64\)",
+        ),
+        (
+            lambda d: rewrite(d, lambda w: w.update({"layers.0.self_attn.q_proj.lora_a": mx.zeros((3, 64), dtype=mx.int32)})),
+            "dtype I32",
+        ),
         (lambda d: rewrite(d, lambda w: w.update({"layers.0.mlp.router.lora_b": mx.full((8, 3), float("nan"))})), "NaN"),
         (lambda d: (d / CONFIG).write_text("{"), "not valid JSON"),
         (lambda d: (d / CONFIG).write_text(json.dumps({"format": "other"})), "'format'"),

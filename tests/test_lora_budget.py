@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import TINY
 from mlx.utils import tree_flatten
 
 import mlx_gptoss
@@ -18,8 +19,6 @@ from mlx_gptoss.lora.adapters import LoRASpec, apply_lora, lora_parameters, set_
 from mlx_gptoss.lora.train import batch_loss, loss_and_grads, make_batch
 from mlx_gptoss.memory import BudgetError, budget_for_slots, plan_memory, plan_training, read_tensors
 from mlx_gptoss.streaming import StreamedMoE
-
-from conftest import TINY
 
 SPEC = LoRASpec(rank=4, alpha=8.0, targets=("attention", "router", "experts"))
 
@@ -116,7 +115,9 @@ def test_layerwise_gradients_equal_plain_gradients_with_adapters_on_some_layers(
     # the trainer's backward (forward outside the transform, then one block's graph at a time, down
     # to the lowest adapted layer) against the whole model's un-checkpointed gradient
     budget = budget_for_slots(TINY, read_tensors(tiny_model_dir), 4, context=256, float_bytes=4) if budgeted else None
-    m = _some_layers(tiny_model_dir, budget, LoRASpec(rank=4, alpha=8.0, targets=("attention", "router", "experts"), layers=(1, 3)))
+    m = _some_layers(
+        tiny_model_dir, budget, LoRASpec(rank=4, alpha=8.0, targets=("attention", "router", "experts"), layers=(1, 3))
+    )
     batch = _batch(41, seed=5)
     got = _layerwise(m, batch)
     loss, grads = nn.value_and_grad(m, lambda mm: batch_loss(mm, batch, chunk=1000, checkpoint=False))(m)
@@ -129,7 +130,9 @@ def test_layerwise_gradients_equal_plain_gradients_with_adapters_on_some_layers(
 def test_layerwise_gradients_draw_the_forward_dropout_masks_again(tiny_model_dir):
     # each block reseeds from (seed, layer) in the forward and in its recomputation, as the
     # checkpointed loss does: the same loss and gradients as that loss under the same seed
-    m = _some_layers(tiny_model_dir, None, LoRASpec(rank=4, alpha=8.0, dropout=0.3, targets=("attention", "router"), layers=(2, 3)))
+    m = _some_layers(
+        tiny_model_dir, None, LoRASpec(rank=4, alpha=8.0, dropout=0.3, targets=("attention", "router"), layers=(2, 3))
+    )
     m.train()
     batch = _batch(30, seed=6)
     got = _layerwise(m, batch, seed=11)
@@ -148,7 +151,10 @@ def test_a_training_step_under_a_budget_needs_about_the_memory_of_one_without(ti
 
     example = _Ex([int(t) for t in np.random.default_rng(0).integers(0, TINY.vocab_size, 200)], [False] + [True] * 199)
     step_bytes = {}
-    for name, budget in (("resident", None), ("budgeted", budget_for_slots(TINY, read_tensors(tiny_model_dir), 4, context=256, float_bytes=4))):
+    for name, budget in (
+        ("resident", None),
+        ("budgeted", budget_for_slots(TINY, read_tensors(tiny_model_dir), 4, context=256, float_bytes=4)),
+    ):
         m = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32, memory_budget=budget, context=256)
         apply_lora(m, LoRASpec(rank=4, targets=("attention", "experts")), seed=0)
         mx.eval(m.parameters())
@@ -167,7 +173,9 @@ def test_logits_with_an_adapter_equal_with_and_without_budget(pair):
     c1, c2 = base.make_cache(), small.make_cache()
     base(ids[:, :10], c1), small(ids[:, :10], c2)
     for t in range(10, 14):  # decode: one token's 4 experts through the slot path
-        np.testing.assert_allclose(np.array(small(ids[:, t : t + 1], c2)), np.array(base(ids[:, t : t + 1], c1)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.array(small(ids[:, t : t + 1], c2)), np.array(base(ids[:, t : t + 1], c1)), rtol=1e-5, atol=1e-5
+        )
 
 
 # -- the training memory plan ---------------------------------------------------------------------
@@ -188,7 +196,9 @@ def test_training_plan_counts_adapters_optimizer_and_activations(tiny_model_dir)
     assert longer.mlx_bytes > plan.mlx_bytes and "training on sequences of up to 128 tokens" in longer.table()
     # under a budget the weights are placed as for inference (embedding on the host, expert slots)
     # beside the training extras
-    assert [c.nbytes for c in plan.components[:5]] == [c.nbytes for c in plan_memory(TINY, tensors, None, float_bytes=4).components[:5]]
+    assert [c.nbytes for c in plan.components[:5]] == [
+        c.nbytes for c in plan_memory(TINY, tensors, None, float_bytes=4).components[:5]
+    ]
     extras = sum(c.nbytes for c in plan.components[5:])
     # ... and, streaming, one more copy of a layer's slots (a recomputed block re-reads experts
     # into slots its first experts still hold for the backward)

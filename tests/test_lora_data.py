@@ -127,7 +127,9 @@ def test_tool_call_turn_parses_back_to_the_call(enc):
 
 
 def test_parallel_calls_become_call_result_pairs(enc):
-    calls = [{"id": f"c{i}", "function": {"name": "get_weather", "arguments": {"city": c}}} for i, c in enumerate(["Oslo", "Rome"])]
+    calls = [
+        {"id": f"c{i}", "function": {"name": "get_weather", "arguments": {"city": c}}} for i, c in enumerate(["Oslo", "Rome"])
+    ]
     rec = {"tools": [WEATHER], "messages": [
         {"role": "user", "content": "Oslo and Rome?"},
         {"role": "assistant", "tool_calls": calls},
@@ -231,7 +233,10 @@ def test_no_target_and_overlong_examples_are_skipped(tmp_path, enc):
     assert [x.line for x in ds.examples] == [4]
     n_long = len(record_examples(long, enc)[0].ids)
     assert [(k.line, k.reason.split(":")[0]) for k in ds.skipped] == [
-        (1, "no token to train"), (2, "no token to train (train_on=final)"), (3, f"{n_long} tokens, longer than max_seq_len=256")]
+        (1, "no token to train"),
+        (2, "no token to train (train_on=final)"),
+        (3, f"{n_long} tokens, longer than max_seq_len=256"),
+    ]
     assert all(x.n_trained for x in ds.examples) and "3 skipped" in ds.summary()
     # the call is trained with train_on="assistant"
     assert [x.line for x in load_dataset(path, enc, train_on="assistant", max_seq_len=256).examples] == [2, 4]
@@ -244,7 +249,9 @@ def test_truncate_keeps_the_start_while_a_trained_token_remains(tmp_path, enc):
     ds = load_dataset(path, enc, max_seq_len=4, overflow="truncate")
     (ex,) = ds.examples
     assert ex.ids == full.ids[:4] and ex.targets == [False, True, True, True]
-    assert [(k.line, k.reason) for k in ds.skipped] == [(2, f"{len(chat.ids)} tokens: cut to max_seq_len=4, no trained token is left")]
+    assert [(k.line, k.reason) for k in ds.skipped] == [
+        (2, f"{len(chat.ids)} tokens: cut to max_seq_len=4, no trained token is left")
+    ]
 
 
 def test_options_are_checked(tmp_path, enc):

@@ -133,5 +133,7 @@ def test_mlxlm_adapter_for_another_model_is_refused(release, base, tmp_path):
     tensors = mx.load(str(weights))
     mx.eval(tensors)  # read before the file is overwritten
     mx.save_safetensors(str(weights), {**tensors, "model.layers.3.self_attn.o_proj.lora_a": mx.zeros((96, 4))})
-    with pytest.raises(LoRAError, match=r"adapters.safetensors: model.layers.3.self_attn.o_proj: .*expected \[128, r\] and \[r, 64\]"):
+    with pytest.raises(
+        LoRAError, match=r"adapters.safetensors: model.layers.3.self_attn.o_proj: .*expected \[128, r\] and \[r, 64\]"
+    ):
         read_adapter(tmp_path / "a", base[0])

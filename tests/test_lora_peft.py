@@ -145,7 +145,9 @@ def test_ours_to_peft_to_transformers(layers, releases, base, tmp_path):
     spec = LoRASpec(rank=3, alpha=5.0, targets=("attention", "router", "experts"), layers=layers, rslora=True)
     apply_lora(model, spec, seed=0)
     rng = np.random.default_rng(2)
-    set_lora_parameters(model, {k: mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)) for k, v in lora_parameters(model).items()})
+    set_lora_parameters(
+        model, {k: mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)) for k, v in lora_parameters(model).items()}
+    )
     ours = np.array(model(mx.array(IDS)))
     export_peft(model, tmp_path / "peft", spec=spec)
     pm = peft.PeftModel.from_pretrained(hf_model(releases["hf"]), tmp_path / "peft").eval()
@@ -190,7 +192,9 @@ def test_bad_peft_tensors_are_refused(releases, base, tmp_path):
     mx.eval(tensors)  # read before the file is overwritten
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     mx.save_safetensors(str(weights), {**tensors, key: mx.zeros((7, 4))})
-    with pytest.raises(LoRAError, match=r"adapter_model.safetensors: model.layers.0.self_attn.q_proj: .*expected \[1·r, 64\] and \[128, 1·r\]"):
+    with pytest.raises(
+        LoRAError, match=r"adapter_model.safetensors: model.layers.0.self_attn.q_proj: .*expected \[1·r, 64\] and \[128, 1·r\]"
+    ):
         read_adapter(tmp_path, base[0])
     mx.save_safetensors(str(weights), {**tensors, "base_model.model.model.embed_tokens.lora_A.weight": mx.zeros((4, 8))})
     with pytest.raises(LoRAError, match="tensor 'base_model.model.model.embed_tokens.lora_A.weight' is not a LoRA tensor"):

@@ -138,7 +138,9 @@ def test_fuse_float32_gives_the_unfused_logits(tiny_model_dir, attn_router, tmp_
     assert mx.abs(fused(IDS) - unfused(IDS)).max().item() <= 1e-5
     assert report.update_lost < 1e-6 and abs(report.kl_mean) < 1e-6
     # only the adapted tensors changed; every other one is the source's, byte for byte
-    names = {f"layers.{i}.{k}.weight" for i in range(len(fused.layers)) for k in ("self_attn.qkv", "self_attn.o_proj", "mlp.router")}
+    names = {
+        f"layers.{i}.{k}.weight" for i in range(len(fused.layers)) for k in ("self_attn.qkv", "self_attn.o_proj", "mlp.router")
+    }
     assert set(report.merged) == names
     src, out = mlx_gptoss.load(tiny_model_dir, dtype=mx.float32), fused
     from mlx.utils import tree_flatten
@@ -186,7 +188,9 @@ def test_fuse_of_a_small_update_into_8bit_never_adds_error_beyond_it(releases, t
 
 
 def test_fuse_refuses_expert_adapters_and_says_what_mxfp4_would_lose(tiny_model_dir, with_experts, tmp_path):
-    with pytest.raises(FuseError, match=r"into MXFP4 would lose \d+\.\d% of the update \(\d+\.\d% even keeping the base's scales") as e:
+    with pytest.raises(
+        FuseError, match=r"into MXFP4 would lose \d+\.\d% of the update \(\d+\.\d% even keeping the base's scales"
+    ) as e:
         fuse(tiny_model_dir, with_experts[1], tmp_path / "fused")
     assert "--adapter" in str(e.value)
     got = run_cli("lora", "fuse", "-m", tiny_model_dir, "--adapter", with_experts[1], "-o", tmp_path / "fused", "--experts-bf16")

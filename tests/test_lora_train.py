@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -235,10 +235,10 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tiny_model_dir, tmp_pat
 
 def test_a_budgeted_model_gives_the_same_gradients(tiny_model_dir):
     # non-resident experts are read from disk in the forward pass and again in the recomputation
+    from conftest import TINY
+
     from mlx_gptoss.lora.adapters import LoRASpec, apply_lora, lora_parameters, set_lora_parameters
     from mlx_gptoss.memory import budget_for_slots, read_tensors
-
-    from conftest import TINY
 
     budget = budget_for_slots(TINY, read_tensors(tiny_model_dir), 4, context=256, float_bytes=4)
     batch = make_batch([_ex(range(5, 45), 5)])
@@ -351,7 +351,10 @@ def test_cli_refuses_to_train_into_a_model_folder_and_names_a_damaged_checkpoint
     before = sorted(p.name for p in model_copy.iterdir())
     r = _cli("-m", str(model_copy), "--data", str(chats), "-o", str(model_copy), "--iters", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"Error: {model_copy}: holds a model (config.json); train the adapter into a folder of its own"
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"Error: {model_copy}: holds a model (config.json); train the adapter into a folder of its own"
+    )
     assert sorted(p.name for p in model_copy.iterdir()) == before  # nothing written into the model
     out = tmp_path / "adapter"
     args = ["-m", str(vocab_model_dir), "--data", str(chats), "-o", str(out), "--save-every", "1"]
@@ -363,7 +366,9 @@ def test_cli_refuses_to_train_into_a_model_folder_and_names_a_damaged_checkpoint
     assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {damaged}: unreadable checkpoint file"), r.stderr
     (damaged.parent / "state.json").write_text("{")
     r = _cli(*args, "--iters", "2", "--resume")
-    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {damaged.parent / 'state.json'}: unreadable checkpoint file"), r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"Error: {damaged.parent / 'state.json'}: unreadable checkpoint file"), (
+        r.stderr
+    )
 
 
 def test_cli_plans_a_budget_for_training_and_streams_the_experts(vocab_model_dir, chats, tmp_path):
@@ -397,8 +402,13 @@ def test_training_into_a_folder_holding_a_finished_adapter_is_refused(vocab_mode
     (out / "adapter_config.json").write_text('{"r": 8}')  # e.g. a PEFT adapter someone keeps there
     r = _cli("-m", str(vocab_model_dir), "--data", str(chats), "-o", str(out), "--iters", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"Error: {out} holds an adapter (adapter_config.json): train into another folder, or delete it first"
-    assert (out / "adapter_config.json").read_text() == '{"r": 8}' and sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"Error: {out} holds an adapter (adapter_config.json): train into another folder, or delete it first"
+    )
+    assert (out / "adapter_config.json").read_text() == '{"r": 8}' and sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json"
+    ]
 
 
 # -- attention a query chunk at a time ----------------------------------------------------------

@@ -6,14 +6,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY
 
 import mlx_gptoss
 from mlx_gptoss.config import GptOssConfig, QuantSpec
 from mlx_gptoss.generate import PromptTooLongError, stream_tokens
 from mlx_gptoss.memory import GB, BudgetError, budget_for_slots, kv_cache_bytes, parse_size, plan_memory, read_tensors
 from mlx_gptoss_convert import convert
-
-from conftest import TINY
 
 
 def test_kv_cache_arithmetic_matches_the_reference_figure():
@@ -102,7 +101,9 @@ def test_host_embedding_equals_the_resident_one(releases, tmp_path):
         b = mlx_gptoss.load(out, memory_budget=10 * GB, dtype=dtype)
         assert b.memory_plan.embed_on_host and not b.memory_plan.streaming and "embed_tokens" not in b
         ids = mx.array([[0, 5, 511, 5]])
-        np.testing.assert_array_equal(np.array(b.embed_tokens(ids).astype(mx.float32)), np.array(a.embed_tokens(ids).astype(mx.float32)))
+        np.testing.assert_array_equal(
+            np.array(b.embed_tokens(ids).astype(mx.float32)), np.array(a.embed_tokens(ids).astype(mx.float32))
+        )
         np.testing.assert_array_equal(np.array(b(ids).astype(mx.float32)), np.array(a(ids).astype(mx.float32)))
 
 

@@ -136,14 +136,16 @@ def fake_hub(tmp_path, release, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setenv("MLX_GPTOSS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MLX_GPTOSS_KEEP_DOWNLOAD", raising=False)
-    return SimpleNamespace(calls=calls, sizes=sizes, snapshot=tmp_path / "hub" / "models--someone--gpt-oss-tiny" / "snapshots" / "0123abcd")
+    return SimpleNamespace(
+        calls=calls, sizes=sizes, snapshot=tmp_path / "hub" / "models--someone--gpt-oss-tiny" / "snapshots" / "0123abcd"
+    )
 
 
 def test_token_and_revision_reach_the_hub_and_a_repo_id_converts_once(fake_hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     path = resolve_model(REPO, revision="v1", progress=False)
     assert path.name == "someone--gpt-oss-tiny@v1" and (path / "config.json").is_file()
-    (repo_id, kw), = fake_hub.calls
+    ((repo_id, kw),) = fake_hub.calls
     assert repo_id == REPO and kw["token"] == "hf_secret" and kw["revision"] == "v1"
     err = capsys.readouterr().err
     assert f"converting it once into {path} (about twice the download)" in err and "the download is kept" in err
@@ -158,7 +160,9 @@ def test_free_space_is_checked_before_the_download(fake_hub, monkeypatch, capsys
     monkeypatch.setattr(destination.shutil, "disk_usage", lambda p: SimpleNamespace(free=10 << 30))
     with pytest.raises(ConversionError, match=r"not enough free space: the conversion needs 32\.48 GB, 10\.74 GB is free"):
         resolve_model(REPO)
-    assert fake_hub.calls == [] and "about 32.21 GB for the download and as much for the converted copy" in capsys.readouterr().err
+    assert (
+        fake_hub.calls == [] and "about 32.21 GB for the download and as much for the converted copy" in capsys.readouterr().err
+    )
 
 
 def test_drop_download_setting(fake_hub, monkeypatch):

@@ -40,7 +40,7 @@ def all_codes():
 
 
 def test_e2m1_table_is_the_spec():
-    assert [e2m1_spec(c) for c in range(16)] == [0, .5, 1, 1.5, 2, 3, 4, 6, -0.0, -.5, -1, -1.5, -2, -3, -4, -6]
+    assert [e2m1_spec(c) for c in range(16)] == [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6]
 
 
 def test_reference_dequantizer_matches_spec(all_codes):

@@ -68,8 +68,15 @@ def test_real_hidden_size_matches_transformers(tmp_path):
 def test_the_bound_detects_rounded_yarn(tmp_path):
     """The test can fail: rounding YaRN's correction range (mlx-lm's bug) breaks the bound."""
     # RoPE depends only on head_dim (64) and theta: keep those real, the rest small.
-    cfg = GptOssConfig.gpt_oss_20b(num_hidden_layers=2, num_local_experts=4, hidden_size=256, intermediate_size=64,
-                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=512)
+    cfg = GptOssConfig.gpt_oss_20b(
+        num_hidden_layers=2,
+        num_local_experts=4,
+        hidden_size=256,
+        intermediate_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
     release = write_release(tmp_path / "release", cfg, seed=8)
     converted = convert(release, tmp_path / "converted")
     cfg_path = converted / "config.json"

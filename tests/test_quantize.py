@@ -5,13 +5,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY
 
 import mlx_gptoss
 from mlx_gptoss.config import ConfigError, QuantSpec
 from mlx_gptoss.safetensors_io import read_header
 from mlx_gptoss_convert import convert
-
-from conftest import TINY
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -217,7 +217,9 @@ def test_bad_quantization_config_is_refused_by_path(case, root, tmp_path):
 def test_half_converted_and_mixed_folders_are_refused(root, tmp_path):
     router = "model.layers.0.mlp.router"
     half = edited(root / "mlxlm", tmp_path / "half", lambda c: c["quantization"].__setitem__(router, dict(Q8)))
-    with pytest.raises(ConversionError, match=rf"quantization.{router} says it is quantized, but the weights have no {router}.scales"):
+    with pytest.raises(
+        ConversionError, match=rf"quantization.{router} says it is quantized, but the weights have no {router}.scales"
+    ):
         convert(half, tmp_path / "out")
     mixed = edited(root / "mlxlm", tmp_path / "mixed", lambda c: None)
     shutil.copy(next((root / "release").glob("*.safetensors")), mixed / "model-extra.safetensors")
@@ -234,7 +236,9 @@ def test_half_converted_and_mixed_folders_are_refused(root, tmp_path):
 
 
 def test_stored_layers_are_not_requantized(root, tmp_path):
-    with pytest.raises(ConversionError, match=r"attention is stored 8-bit \(groups of 64\) in the source; .* will not re-quantize it to 4-bit"):
+    with pytest.raises(
+        ConversionError, match=r"attention is stored 8-bit \(groups of 64\) in the source; .* will not re-quantize it to 4-bit"
+    ):
         convert(root / "mlxlm-q8", tmp_path / "out", quantization={"attention": QuantSpec("affine", 4, 64)})
     with pytest.raises(ConversionError, match="will not re-quantize it to float"):
         convert(root / "mlxlm-q8", tmp_path / "out", quantization={"lm_head": None})
@@ -243,14 +247,18 @@ def test_stored_layers_are_not_requantized(root, tmp_path):
 
 def test_affine_experts_and_uneven_layers_are_refused(root, tmp_path):
     four_bit = mlxlm_save(root / "release", tmp_path / "4bit", dequantize=True)
-    with pytest.raises(ConversionError, match=r"experts model.layers.0.mlp.experts.gate_proj are stored affine 4-bit .*MXFP4 experts only"):
+    with pytest.raises(
+        ConversionError, match=r"experts model.layers.0.mlp.experts.gate_proj are stored affine 4-bit .*MXFP4 experts only"
+    ):
         convert(four_bit, tmp_path / "out")
 
     def uneven(path, module):
         return {**Q8, "bits": 4} if path == "model.layers.1.self_attn.k_proj" else q8_predicate(path, module)
 
     mixed = mlxlm_save(root / "release", tmp_path / "uneven", uneven)
-    with pytest.raises(ConversionError, match=r"q_proj is stored affine 8-bit .* but model.layers.1.self_attn.k_proj affine 4-bit"):
+    with pytest.raises(
+        ConversionError, match=r"q_proj is stored affine 8-bit .* but model.layers.1.self_attn.k_proj affine 4-bit"
+    ):
         convert(mixed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -284,6 +292,8 @@ def test_dense_mlxlm_experts_are_refused_by_name(root, tmp_path):
     config.pop("quantization"), config.pop("quantization_config")
     save_model(tmp_path / "dense", model)
     save_config(config, tmp_path / "dense" / "config.json")
-    with pytest.raises(ConversionError, match=r"experts model.layers.0.mlp.experts.gate_proj are stored dense \(float\) in mlx-lm's layout"):
+    with pytest.raises(
+        ConversionError, match=r"experts model.layers.0.mlp.experts.gate_proj are stored dense \(float\) in mlx-lm's layout"
+    ):
         convert(tmp_path / "dense", tmp_path / "out")
     assert not (tmp_path / "out").exists()

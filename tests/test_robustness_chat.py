@@ -66,9 +66,17 @@ FAILURES = {
     "bad top_k": (lambda c: c.send("x", top_k=-1), ValueError, "top_k"),
     "bad stop": (lambda c: c.send("x", stop=[1]), ValueError, "stop must be"),
     "bad tool result": (lambda c: c.send_tool_result("get_weather", "\ud800"), ValueError, "not valid Unicode"),
-    "sampler error mid-turn": (lambda c: c.send("x", sampler=Boom(RuntimeError("device lost")), max_tokens=9), RuntimeError, "device lost"),
+    "sampler error mid-turn": (
+        lambda c: c.send("x", sampler=Boom(RuntimeError("device lost")), max_tokens=9),
+        RuntimeError,
+        "device lost",
+    ),
     "Ctrl-C mid-turn": (lambda c: c.send("x", sampler=Boom(KeyboardInterrupt()), max_tokens=9), KeyboardInterrupt, None),
-    "Ctrl-C in prefill": (lambda c: c.send("x", sampler=Boom(KeyboardInterrupt(), after=0), max_tokens=9), KeyboardInterrupt, None),
+    "Ctrl-C in prefill": (
+        lambda c: c.send("x", sampler=Boom(KeyboardInterrupt(), after=0), max_tokens=9),
+        KeyboardInterrupt,
+        None,
+    ),
 }
 
 
@@ -91,7 +99,7 @@ def test_a_stream_closed_before_done_is_undone_but_one_closed_at_done_is_kept(mo
     next(events)
     events.close()
     assert_next_turn_like_fresh(model, chat, before)
-    for ev in chat.stream("y", max_tokens=4):
+    for _ in chat.stream("y", max_tokens=4):
         pass  # exhausted: kept
     n = len(chat.messages)
     for ev in chat.stream("z", max_tokens=4):
@@ -166,7 +174,7 @@ def test_dropping_turns_equals_a_fresh_session_with_the_reduced_history(model, p
     if policy == "rolling":
         assert len(chat.last_prompt_ids) <= (CTX - REPLY) // 2
     # what the model saw equals a fresh session given the reduced history
-    reduced = visible[: -3]  # less this turn's user message and the reply (reasoning + answer)
+    reduced = visible[:-3]  # less this turn's user message and the reply (reasoning + answer)
     assert visible[-3]["content"][0]["text"] == text
     fresh = ChatSession.from_json(model, json.dumps({"messages": reduced}), context=CTX, max_tokens=REPLY)
     again = fresh.send(text, sampler=Script(model.tokenizer, THINK_ANSWER.format(*_think_answer(reply))), max_tokens=REPLY)

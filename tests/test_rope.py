@@ -19,8 +19,17 @@ def transformers_inv_freq(truncate: bool) -> tuple[np.ndarray, float]:
     from transformers import GptOssConfig as HFConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    cfg = HFConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
-                                    "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": truncate})
+    cfg = HFConfig(
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 4096,
+            "truncate": truncate,
+        }
+    )
     inv, factor = ROPE_INIT_FUNCTIONS["yarn"](cfg)
     return inv.numpy(), factor
 

@@ -87,6 +87,7 @@ def test_stateless_conversation_computes_what_a_chat_session_computes(model, eng
     chat = ChatSession(model, instructions="Answer briefly.", reasoning_effort="low", tools=[lookup], today=DAY)
     conv = start()
     in_process = stateless = prompt_total = 0
+    prev = None  # the previous reply, whose tool call a tool turn answers
     for n in range(1, 21):
         text = f"Q{n}?"
         steps = [(script_for(n), None)] + ([(THINK_ANSWER.format("ok", f"D{n}."), "tool")] if n % 5 == 0 else [])
@@ -221,7 +222,9 @@ def test_leaving_the_event_stream_cancels_the_job(model, engine):
     next(events)
     events.close()  # the client went away
     assert job.cancelled
-    _, r = run(engine.submit(start() + [user("Next")], sampler=Script(model.tokenizer, THINK_ANSWER.format("a", "b")), max_tokens=30))
+    _, r = run(
+        engine.submit(start() + [user("Next")], sampler=Script(model.tokenizer, THINK_ANSWER.format("a", "b")), max_tokens=30)
+    )
     assert r.final == "b"
 
 
@@ -303,7 +306,9 @@ def test_engine_made_in_another_thread_than_the_lazy_model_says_where_to_make_it
     assert "create the Engine in the thread that loaded the model" in out.get("error", "")
     engine = Engine(lazy, cache_bytes=0)  # here it works
     try:
-        _, r = run(engine.submit(start() + [user("Hi")], sampler=Script(lazy.tokenizer, THINK_ANSWER.format("a", "b")), max_tokens=20))
+        _, r = run(
+            engine.submit(start() + [user("Hi")], sampler=Script(lazy.tokenizer, THINK_ANSWER.format("a", "b")), max_tokens=20)
+        )
         assert r.final == "b"
     finally:
         engine.close()

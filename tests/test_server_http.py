@@ -24,8 +24,14 @@ pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
 from mlx_gptoss.chat import Done, Reply, _accumulate  # noqa: E402
-from mlx_gptoss.harmony import (FinalDelta, ReasoningDelta, ToolCall, ToolCallCompleted, ToolCallDelta,  # noqa: E402
-                                ToolCallStarted)  # fmt: skip
+from mlx_gptoss.harmony import (  # noqa: E402
+    FinalDelta,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallCompleted,
+    ToolCallDelta,
+    ToolCallStarted,  # fmt: skip
+)
 from mlx_gptoss.server.app import create_app  # noqa: E402
 
 MODEL = "tiny-gptoss"
@@ -239,7 +245,12 @@ def test_arguments_completed_without_deltas_still_reach_the_client():
                 chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stream=True))
                 args = "".join(t.function.arguments or "" for ch in chunks for t in ch.choices[0].delta.tool_calls or [])
             else:
-                args = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}]).choices[0].message.tool_calls[0].function.arguments
+                args = (
+                    c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+                    .choices[0]
+                    .message.tool_calls[0]
+                    .function.arguments
+                )
             assert args == '{"city": "Rome"}'
         events = list(c.responses.create(model=MODEL, input="x", stream=True))
         assert "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta") == '{"city": "Rome"}'
@@ -266,22 +277,49 @@ def test_bad_requests_get_clear_openai_errors():
             _error(x.get(f"{url}/v1/models"), 401)
             bad_tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}
             assert "parameters" in _error(x.post(chat, json={**ok, "tools": [bad_tool]}, headers=h), 400, '"object"')["param"]
-            _error(x.post(chat, json={**ok, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, headers=h), 400, "bad name")
+            _error(
+                x.post(chat, json={**ok, "tools": [{"type": "function", "function": {"name": "bad name"}}]}, headers=h),
+                400,
+                "bad name",
+            )
             _error(x.post(chat, json={**ok, "tool_choice": "required"}, headers=h), 400, "tool_choice")
             _error(x.post(chat, json={**ok, "max_tokens": 101}, headers=h), 400, "limit of 100")
             _error(x.post(chat, json={**ok, "n": 2}, headers=h), 400, "n=1")
             _error(x.post(chat, json={**ok, "response_format": {"type": "json_schema"}}, headers=h), 400, "json_schema")
-            _error(x.post(resp, json={"model": MODEL, "input": "x", "text": {"format": {"type": "json_object"}}}, headers=h), 400, "json_object")
-            _error(x.post(chat, json={**ok, "messages": [{"role": "tool", "tool_call_id": "c9", "content": "1"}]}, headers=h), 400, "c9")
-            _error(x.post(chat, json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, headers=h), 400, "text")
-            err = _error(x.post(resp, json={"model": MODEL, "input": "x", "previous_response_id": "resp_nope"}, headers=h), 400, "resp_nope")
+            _error(
+                x.post(resp, json={"model": MODEL, "input": "x", "text": {"format": {"type": "json_object"}}}, headers=h),
+                400,
+                "json_object",
+            )
+            _error(
+                x.post(chat, json={**ok, "messages": [{"role": "tool", "tool_call_id": "c9", "content": "1"}]}, headers=h),
+                400,
+                "c9",
+            )
+            _error(
+                x.post(chat, json={**ok, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, headers=h),
+                400,
+                "text",
+            )
+            err = _error(
+                x.post(resp, json={"model": MODEL, "input": "x", "previous_response_id": "resp_nope"}, headers=h),
+                400,
+                "resp_nope",
+            )
             assert err["param"] == "previous_response_id"
-            _error(x.post(resp, json={"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]}, headers=h), 400, "function tools")
+            _error(
+                x.post(resp, json={"model": MODEL, "input": "x", "tools": [{"type": "web_search"}]}, headers=h),
+                400,
+                "function tools",
+            )
             _error(x.post(resp, json={"model": MODEL, "input": [{"type": "function_call_output", "call_id": "c1", "output": "1"}]},
                           headers=h), 400, "c1")  # fmt: skip
             _error(x.post(resp, json={"model": MODEL, "input": "x", "max_output_tokens": 0}, headers=h), 400, "max_output_tokens")
             for empty in ([], ""):
-                assert _error(x.post(resp, json={"model": MODEL, "input": empty}, headers=h), 400, "nothing to answer")["param"] == "input"
+                assert (
+                    _error(x.post(resp, json={"model": MODEL, "input": empty}, headers=h), 400, "nothing to answer")["param"]
+                    == "input"
+                )
             _error(x.post(chat, json={**ok, "messages": []}, headers=h), 400)
             _error(x.get(f"{url}/v1/nothing", headers=h), 404)
             assert x.get(f"{url}/health").json()["status"] == "ok"  # health needs no key
@@ -401,7 +439,10 @@ def test_real_engine_tool_round_trip_both_apis_with_the_prompt_cache(served):
     assert (r.choices[0].finish_reason, call.function.name, json.loads(call.function.arguments)) == \
         ("tool_calls", "get_weather", {"city": "Paris"})  # fmt: skip
     rig(model, FINAL_REPLY)
-    msgs += [r.choices[0].message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    msgs += [
+        r.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+    ]
     r2 = c.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], temperature=0, max_tokens=40)
     assert (r2.choices[0].message.content, r2.choices[0].finish_reason) == ("It is 21 C in Paris.", "stop")
     # the stateless client resent the conversation: its prefix came from the prompt cache (all of the
@@ -412,7 +453,12 @@ def test_real_engine_tool_round_trip_both_apis_with_the_prompt_cache(served):
     events = list(c.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER_R], temperature=0, stream=True))
     done = events[-1].response
     fc = done.output[-1]
-    assert (done.status, fc.type, fc.name, json.loads(fc.arguments)) == ("completed", "function_call", "get_weather", {"city": "Paris"})
+    assert (done.status, fc.type, fc.name, json.loads(fc.arguments)) == (
+        "completed",
+        "function_call",
+        "get_weather",
+        {"city": "Paris"},
+    )
     rig(model, FINAL_REPLY)
     r3 = c.responses.create(model=MODEL, previous_response_id=done.id, tools=[WEATHER_R], temperature=0,
                             input=[{"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp": 21}'}])  # fmt: skip
@@ -497,7 +543,9 @@ def test_serve_command_serves_the_model_by_its_folder_name(vocab_model_dir):
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else "no start"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read() if proc.poll() is not None else "no start"
+            )
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
@@ -515,7 +563,9 @@ def test_hostile_bodies_get_400_not_500():
     with running(create_app(engine, model_id=MODEL)) as url, httpx.Client(timeout=20) as x:
         chat = f"{url}/v1/chat/completions"
         ok = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
-        deep = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+        deep = (
+            b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
+        )
         _error(x.post(chat, content=deep), 400, "nested too deeply")
         assert _error(x.post(chat, json={**ok, "seed": 2**80}), 400)["param"] == "seed"  # beyond mx.random.seed's uint64
         assert _error(x.post(chat, json={**ok, "seed": -1}), 400)["param"] == "seed"

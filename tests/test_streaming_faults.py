@@ -11,6 +11,7 @@ import threading
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import TINY
 
 import mlx_gptoss
 from mlx_gptoss import memory
@@ -20,8 +21,6 @@ from mlx_gptoss.loader import LoadError
 from mlx_gptoss.memory import budget_for_slots, read_tensors
 from mlx_gptoss.safetensors_io import read_header
 from mlx_gptoss.streaming import ExpertReader, ExpertReadError
-
-from conftest import TINY
 
 PROMPTS = (list(range(5, 40)), list(range(60, 75)))
 

@@ -34,7 +34,7 @@ if _mode not in _MODES:
 
 
 def set_mode(mode: str) -> None:
-    """"auto": custom kernels where the backend has them; "twin": the pure-MLX twins everywhere."""
+    """ "auto": custom kernels where the backend has them; "twin": the pure-MLX twins everywhere."""
     global _mode
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -47,7 +47,7 @@ def mode() -> str:
 
 
 def backend() -> str:
-    """"metal", "cuda" or "twin": what the MoE ops run on, for the default device."""
+    """ "metal", "cuda" or "twin": what the MoE ops run on, for the default device."""
     if _mode == "twin" or mx.default_device() != mx.gpu:
         return "twin"
     if mx.metal.is_available():
@@ -84,11 +84,15 @@ def route_matvec_topk(x: mx.array, w: mx.array, b: mx.array, k: int) -> tuple[mx
     return gpu.route_matvec_topk(x, w, b, k, dialect=be)
 
 
-def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *, group_size: int, bits: int, mode: str) -> mx.array:
+def quantized_matmul(
+    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, *, group_size: int, bits: int, mode: str
+) -> mx.array:
     """``x @ dequantize(w).T``. On the CPU with float32 activations (measured on MLX 0.32.4, 1 x 2880
     by 5120 x 2880 8-bit: 128 ms with bf16 activations, 16 ms with float32)."""
     if _on_cpu() and x.dtype != mx.float32:
-        y = mx.quantized_matmul(x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+        y = mx.quantized_matmul(
+            x.astype(mx.float32), w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+        )
         return y.astype(x.dtype)
     return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
 

@@ -6,8 +6,9 @@ Kernels are built once per (dialect, SwiGLU constants) and cached.
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from functools import cache
+from typing import NamedTuple
 
 import mlx.core as mx
 
@@ -38,7 +39,7 @@ def launch_shape(dialect: str, kernel: str) -> tuple[int, int]:
     return LAUNCH[dialect][kernel]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _kernel(dialect: str, name: str, limit: float = 7.0, alpha: float = 1.702):
     spec = S.SPECS[name]
     make = mx.fast.metal_kernel if dialect == "metal" else mx.fast.cuda_kernel
@@ -68,7 +69,9 @@ def route_topk_softmax(logits: mx.array, k: int, *, dialect: str) -> tuple[mx.ar
 ROUTE_MATVEC_WARPS = 4  # SIMD groups per token in the fused router; not tuned (off by default)
 
 
-def route_matvec_topk(x: mx.array, w: mx.array, b: mx.array, k: int, *, dialect: str, warps: int | None = None) -> tuple[mx.array, mx.array]:
+def route_matvec_topk(
+    x: mx.array, w: mx.array, b: mx.array, k: int, *, dialect: str, warps: int | None = None
+) -> tuple[mx.array, mx.array]:
     """x [N, H], router weight [E, H] and bias [E] -> (expert ids [N, K] uint32, weights [N, K] in x's dtype)."""
     N, H = x.shape
     E = w.shape[0]
@@ -109,7 +112,15 @@ def mxfp4_down_combine(act, indices, weights, w, s, b, residual=None, *, out_dty
     per_group = warps * jw
     return _kernel(dialect, S.DOWN)(
         inputs=[act, indices, weights, w, s, b, residual if residual is not None else b],  # b: a placeholder, unread
-        template=[("H", H), ("I", I), ("K", K), ("JW", jw), ("WARPS", warps), ("HAS_RES", residual is not None), ("OutT", out_dtype)],
+        template=[
+            ("H", H),
+            ("I", I),
+            ("K", K),
+            ("JW", jw),
+            ("WARPS", warps),
+            ("HAS_RES", residual is not None),
+            ("OutT", out_dtype),
+        ],
         grid=(32 * warps * ((H + per_group - 1) // per_group), N, 1),
         threadgroup=(32 * warps, 1, 1),
         output_shapes=[(N, H)],

@@ -41,9 +41,7 @@ def swiglu_clamped(h: mx.array, limit: float, alpha: float) -> mx.array:
 
 
 def _mxfp4(x: mx.array, w: mx.array, s: mx.array, ids: mx.array, sorted_ids: bool) -> mx.array:
-    return mx.gather_qmm(
-        x, w, s, rhs_indices=ids, transpose=True, group_size=32, bits=4, mode="mxfp4", sorted_indices=sorted_ids
-    )
+    return mx.gather_qmm(x, w, s, rhs_indices=ids, transpose=True, group_size=32, bits=4, mode="mxfp4", sorted_indices=sorted_ids)
 
 
 class ExpertsDelta(NamedTuple):
@@ -59,7 +57,7 @@ class ExpertsDelta(NamedTuple):
     down_b: mx.array
     scale: float
 
-    def select(self, experts: mx.array) -> "ExpertsDelta":
+    def select(self, experts: mx.array) -> ExpertsDelta:
         """The update of ``experts`` [S] only, in that order (for slot-indexed expert weights)."""
         return ExpertsDelta(*(t[experts] for t in self[:4]), self.scale)
 
@@ -130,8 +128,15 @@ def mxfp4_gate_up_swiglu(
 
 
 def mxfp4_down_combine(
-    act: mx.array, indices: mx.array, weights: mx.array, w: mx.array, s: mx.array, b: mx.array,
-    residual: mx.array | None = None, *, out_dtype: mx.Dtype,
+    act: mx.array,
+    indices: mx.array,
+    weights: mx.array,
+    w: mx.array,
+    s: mx.array,
+    b: mx.array,
+    residual: mx.array | None = None,
+    *,
+    out_dtype: mx.Dtype,
 ) -> mx.array:
     """act [N, K, I], indices/weights [N, K] -> Σ_k weight_k (down_k act_k + bias_k) (+ residual), [N, H]."""
     y = combine_experts(_down(act, indices, w, s, b), weights.astype(mx.float32))

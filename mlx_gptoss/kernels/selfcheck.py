@@ -115,7 +115,9 @@ def run_checks(dialect: str) -> list[Check]:
         runs = {
             S.ROUTE: lambda: _route(dialect, rng, N),
             S.ROUTE_MATVEC: lambda: _route_matvec(dialect, rng, x),
-            S.GATE_UP: lambda: _rel(gpu.mxfp4_gate_up_swiglu(x, ids, gw, gs, gb, limit=LIMIT, alpha=ALPHA, dialect=dialect), act_t),
+            S.GATE_UP: lambda: _rel(
+                gpu.mxfp4_gate_up_swiglu(x, ids, gw, gs, gb, limit=LIMIT, alpha=ALPHA, dialect=dialect), act_t
+            ),
             # from the twin's activations, so a gate_up error is not blamed on down
             S.DOWN: lambda: _rel(gpu.mxfp4_down_combine(act_t, ids, w, dw, ds, db, x, out_dtype=f32, dialect=dialect), y_t),
         }
@@ -161,7 +163,10 @@ def _read_cache() -> dict:
 def _write_cache(key: str, checks: list[Check]) -> None:
     path = _cache_file()
     data = _read_cache()
-    data[key] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "checks": {c.kernel: {"ok": c.ok, "detail": c.detail} for c in checks}}
+    data[key] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "checks": {c.kernel: {"ok": c.ok, "detail": c.detail} for c in checks},
+    }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -247,7 +252,9 @@ def report(bench: bool = True) -> str:
         if mode() == "twin":
             why = "MLX_GPTOSS_KERNELS=twin (or kernels.set_mode('twin')) forces the pure-MLX twins"
         elif mx.default_device() != mx.gpu:
-            why = "MLX's default device is the CPU" + ("" if mx.metal.is_available() or _cuda() else " (this MLX build has neither Metal nor CUDA)")
+            why = "MLX's default device is the CPU" + (
+                "" if mx.metal.is_available() or _cuda() else " (this MLX build has neither Metal nor CUDA)"
+            )
         else:
             why = "this MLX build has neither Metal nor CUDA"
         lines.append(f"custom kernels: not used here: {why}; the pure-MLX twins run every MoE op.")
@@ -261,7 +268,10 @@ def report(bench: bool = True) -> str:
         cached = _read_cache().get(_key(b), {}).get("checks")
         if isinstance(cached, dict):
             off = sorted(k for k, v in cached.items() if not v.get("ok"))
-            lines.append(f"dispatcher's cached verdict ({_cache_file()}): " + (f"twins instead of {', '.join(off)}" if off else "all kernels in use"))
+            lines.append(
+                f"dispatcher's cached verdict ({_cache_file()}): "
+                + (f"twins instead of {', '.join(off)}" if off else "all kernels in use")
+            )
     if bench:
         lines.append("micro-benchmark, one MoE call (gate_up + down, 4 of 8 experts at the 20b's widths, bf16):")
         lines += benchmark(b)

@@ -107,7 +107,8 @@ _TOPK = r"""
 
 # Router logits [N, E] -> top-K ids (descending) and softmax weights over them. One SIMD group
 # (32 threads) per token; each lane holds E/32 logits.
-_ROUTE_BODY = r"""
+_ROUTE_BODY = (
+    r"""
   GX_PROLOGUE
   constexpr int PER = (E + 31) / 32;
   const uint32_t n = gx_bx;
@@ -116,14 +117,17 @@ _ROUTE_BODY = r"""
     uint32_t e = gx_lane + 32 * i;
     v[i] = e < (uint32_t)E ? float(logits[n * E + e]) : GX_NEG_INF;
   }
-""" + _TOPK
+"""
+    + _TOPK
+)
 
 # The router folded in: x [N, H], router weight rw [E, H] and bias rb [E] -> the same top-K ids and
 # weights, logits computed in float32 (not rounded to x's dtype as the unfused router's are). One
 # threadgroup of WARPS SIMD groups per token: SIMD group w computes the logits of experts w,
 # w + WARPS, ... (lanes stride over H, a SIMD sum), into threadgroup memory; SIMD group 0 then
 # runs the top K. Saves the router's launch and its logits' round trip through memory.
-_ROUTE_MATVEC_BODY = r"""
+_ROUTE_MATVEC_BODY = (
+    r"""
   GX_PROLOGUE
   constexpr int PER = (E + 31) / 32;
   GX_SHARED float lg[E];
@@ -144,7 +148,9 @@ _ROUTE_MATVEC_BODY = r"""
     uint32_t e = gx_lane + 32 * i;
     v[i] = e < (uint32_t)E ? lg[e] : GX_NEG_INF;
   }
-""" + _TOPK
+"""
+    + _TOPK
+)
 
 # x [N, H], indices [N, K] -> act [N, K, I] (float32): for pair p = n*K+k, expert e = indices[p],
 # act[p, j] = swiglu(gate_j + bg, up_j + bu) with gate/up rows 2j, 2j+1 of e's gate_up.
@@ -412,8 +418,11 @@ def generated_source(
         params = [f"    const {types[t]}* {n}" for n, t in zip(spec.inputs, in_types)]
         params += [f"    {types[t]}* {n}" for n, t in zip(spec.outputs, out_types)]
         consts = "".join(
-            f"  using {k} = {types[v]};\n" if isinstance(v, str)
-            else f"  constexpr bool {k} = {str(v).lower()};\n" if isinstance(v, bool) else f"  constexpr int {k} = {v};\n"
+            f"  using {k} = {types[v]};\n"
+            if isinstance(v, str)
+            else f"  constexpr bool {k} = {str(v).lower()};\n"
+            if isinstance(v, bool)
+            else f"  constexpr int {k} = {v};\n"
             for k, v in template.items()
         )
         return (
@@ -423,13 +432,17 @@ def generated_source(
     sizes = in_sizes if in_sizes is not None else [METAL_CONSTANT_BELOW] * len(spec.inputs)
     space = ["constant" if n < METAL_CONSTANT_BELOW else "device" for n in sizes]
     params = [f"  const {sp} {types[t]}* {n} [[buffer({i})]]" for i, (n, t, sp) in enumerate(zip(spec.inputs, in_types, space))]
-    params += [f"  device {types[t]}* {n} [[buffer({len(spec.inputs) + i})]]" for i, (n, t) in enumerate(zip(spec.outputs, out_types))]
+    params += [
+        f"  device {types[t]}* {n} [[buffer({len(spec.inputs) + i})]]" for i, (n, t) in enumerate(zip(spec.outputs, out_types))
+    ]
     params += [f"  {ty} {a} [[{a}]]" for a, ty in _METAL_ATTRS.items() if a in src]
     # MLX names the instance after the template values and the argument types ("c": constant)
     fn = f"custom_kernel_{name}" + ("_" if template else "") + "".join(f"_{_targ(v, types)}" for v in template.values())
     fn += "".join(f"_{types[t]}" + ("c" if sp == "constant" else "") for t, sp in zip(in_types, space))
     fn += "".join(f"_{types[t]}" for t in out_types)
-    targs = ", ".join(("typename " if isinstance(v, str) else "bool " if isinstance(v, bool) else "int ") + k for k, v in template.items())
+    targs = ", ".join(
+        ("typename " if isinstance(v, str) else "bool " if isinstance(v, bool) else "int ") + k for k, v in template.items()
+    )
     inst = ", ".join(_targ(v, types) for v in template.values())
     return (
         hdr + f"template <{targs}>\n[[kernel]] void {fn}(\n" + ",\n".join(params) + ") {\n" + src + "\n}\n\n"

@@ -15,8 +15,9 @@ parameters are float32 whatever the model's dtype; their update is cast to the b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -56,7 +57,12 @@ class LoRASpec:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise LoRAError(f"rank must be a positive integer, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, (int, float))
+            or not math.isfinite(self.alpha)
+            or self.alpha <= 0
+        ):
             raise LoRAError(f"alpha must be a positive number, got {self.alpha!r}")
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if t not in TARGETS]
@@ -65,7 +71,9 @@ class LoRASpec:
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))  # canonical order
         if self.layers is not None:
             layers = tuple(self.layers)
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers) or len(set(layers)) != len(layers):
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers) or len(set(layers)) != len(
+                layers
+            ):
                 raise LoRAError(f"layers must be distinct non-negative integers (or None for all), got {self.layers!r}")
             object.__setattr__(self, "layers", tuple(sorted(layers)))
         if not isinstance(self.rslora, bool):
@@ -86,7 +94,7 @@ class LoRASpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoRASpec":
+    def from_dict(cls, d: dict[str, Any]) -> LoRASpec:
         """The spec from :meth:`to_dict`'s fields; unknown or missing fields are errors."""
         names = set(cls.__dataclass_fields__)
         if not isinstance(d, dict) or set(d) - names:
@@ -213,7 +221,9 @@ def apply_lora(model: nn.Module, spec: LoRASpec, *, seed: int | None = None) -> 
         # an MLP without the seam would carry the adapter and silently never apply it
         unseamed = [i for i in ids if not hasattr(model.layers[i].mlp, "experts_lora")]
         if unseamed:
-            raise LoRAError(f"layers {unseamed}: the MLP ({type(model.layers[unseamed[0]].mlp).__name__}) has no expert-adapter seam")
+            raise LoRAError(
+                f"layers {unseamed}: the MLP ({type(model.layers[unseamed[0]].mlp).__name__}) has no expert-adapter seam"
+            )
     if seed is not None:
         mx.random.seed(seed)
     model.freeze()
@@ -267,9 +277,14 @@ def set_lora_parameters(model: nn.Module, flat: dict[str, mx.array], *, source: 
     have = lora_parameters(model)
     missing, extra = sorted(set(have) - set(flat)), sorted(set(flat) - set(have))
     if missing:
-        raise LoRAError(f"{source}: missing adapter tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise LoRAError(
+            f"{source}: missing adapter tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if extra:
-        raise LoRAError(f"{source}: tensor {extra[0]!r} has no place in this model's adapters" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise LoRAError(
+            f"{source}: tensor {extra[0]!r} has no place in this model's adapters"
+            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     for k, v in flat.items():
         if tuple(v.shape) != tuple(have[k].shape):
             raise LoRAError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(have[k].shape)}")

@@ -109,7 +109,7 @@ class Dataset:
 
 def load_dataset(
     path: str | Path,
-    encoding: "HarmonyEncoding",
+    encoding: HarmonyEncoding,
     *,
     train_on: str = "final",
     max_seq_len: int = 2048,
@@ -174,7 +174,7 @@ def load_dataset(
 
 def record_examples(
     record: Any,
-    encoding: "HarmonyEncoding",
+    encoding: HarmonyEncoding,
     *,
     train_on: str = "final",
     reasoning_effort: str = "medium",
@@ -203,7 +203,7 @@ def record_examples(
 # -- formats -> harmony messages ---------------------------------------------------------------
 
 
-def _conversation(record: dict, where: str, effort: str, today: date) -> list["Message"]:
+def _conversation(record: dict, where: str, effort: str, today: date) -> list[Message]:
     msgs = record["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: field messages: must be a non-empty list of messages")
@@ -215,7 +215,7 @@ def _conversation(record: dict, where: str, effort: str, today: date) -> list["M
     return _chat(record, where, effort, today)
 
 
-def _harmony(record: dict, where: str, effort: str, today: date) -> list["Message"]:
+def _harmony(record: dict, where: str, effort: str, today: date) -> list[Message]:
     from openai_harmony import Conversation, Role
 
     harmony_only = {"channel", "recipient", "content_type"}
@@ -228,8 +228,9 @@ def _harmony(record: dict, where: str, effort: str, today: date) -> list["Messag
                         "read only in openai-harmony conversation JSON, as ChatSession.to_json writes it)")  # fmt: skip
     for i, m in enumerate(record["messages"]):
         if m.get("role") not in _ROLES:
-            raise DataError(f"{where}: field messages[{i}].role: unknown role {m.get('role')!r} "
-                            f"(expected one of {', '.join(_ROLES)})")
+            raise DataError(
+                f"{where}: field messages[{i}].role: unknown role {m.get('role')!r} (expected one of {', '.join(_ROLES)})"
+            )
         for key in sorted(harmony_only & m.keys()):
             if m[key] is not None and not isinstance(m[key], str):
                 raise DataError(f"{where}: field messages[{i}].{key}: must be a string, found a {type(m[key]).__name__}")
@@ -243,7 +244,7 @@ def _harmony(record: dict, where: str, effort: str, today: date) -> list["Messag
     return messages
 
 
-def _prompt_completion(record: dict, where: str, effort: str, today: date) -> list["Message"]:
+def _prompt_completion(record: dict, where: str, effort: str, today: date) -> list[Message]:
     from openai_harmony import Message, Role
 
     for key in ("prompt", "completion"):
@@ -263,7 +264,7 @@ def _effort(record: dict, where: str, default: str) -> str:
     raise DataError(f"{where}: field reasoning_effort: must be low, medium or high, not {effort!r}")
 
 
-def _chat(record: dict, where: str, effort: str, today: date) -> list["Message"]:
+def _chat(record: dict, where: str, effort: str, today: date) -> list[Message]:
     """The OpenAI-style chat as the harmony messages ChatSession would hold for it."""
     from openai_harmony import Author, Message, Role
 
@@ -361,7 +362,7 @@ def _reasoning(m: dict, f: str, where: str) -> str:
     return ""
 
 
-def _tool_calls(m: dict, f: str, where: str) -> list[tuple[str | None, str, "Message", str]]:
+def _tool_calls(m: dict, f: str, where: str) -> list[tuple[str | None, str, Message, str]]:
     from openai_harmony import Message, Role
 
     calls = m.get("tool_calls") or []
@@ -417,7 +418,7 @@ def _answered_call(m: dict, f: str, where: str, group: list, results: dict) -> i
 # -- harmony messages -> sequences ---------------------------------------------------------------
 
 
-def _turns(messages: list["Message"]) -> list[tuple[int, int]]:
+def _turns(messages: list[Message]) -> list[tuple[int, int]]:
     """``messages[lo:hi]`` spans of the assistant turns, each ending at a final answer or a call.
     A run that ends otherwise (a reply cut off) is context only."""
     from openai_harmony import Role
@@ -434,7 +435,7 @@ def _turns(messages: list["Message"]) -> list[tuple[int, int]]:
     return turns
 
 
-def _sequences(messages: list["Message"], enc: "HarmonyEncoding", train_on: str, line: int, where: str) -> list[Example]:
+def _sequences(messages: list[Message], enc: HarmonyEncoding, train_on: str, line: int, where: str) -> list[Example]:
     from openai_harmony import Conversation, RenderConversationConfig, Role
 
     keep = RenderConversationConfig(auto_drop_analysis=False)  # the turn's own reasoning stays

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 
@@ -157,7 +158,9 @@ def from_peft(tensors: dict[str, mx.array], config: dict[str, Any], model_config
         if n > 1:  # A expert-major, B expert-minor
             a, b = a.reshape(n, rank, d_in), b.reshape(d_out, rank, n).transpose(2, 0, 1)
         pieces[(layer, ours)] = (a, b, scale)
-    return _assemble(pieces, model_config, lambda R: LoRASpec(rank=R, alpha=float(alpha), rslora=rslora, targets=_targets(pieces)), source)
+    return _assemble(
+        pieces, model_config, lambda R: LoRASpec(rank=R, alpha=float(alpha), rslora=rslora, targets=_targets(pieces)), source
+    )
 
 
 def from_mlxlm(tensors: dict[str, mx.array], config: dict[str, Any], model_config: Any, *,
@@ -181,7 +184,9 @@ def from_mlxlm(tensors: dict[str, mx.array], config: dict[str, Any], model_confi
             raise LoRAError(f"{source}: {key} has lora_{'a' if a is None else 'b'} only")
         if module.startswith("mlp.experts."):
             E, name = model_config.num_local_experts, module.rsplit(".", 1)[1]
-            d_in, d_out = (I, dims["mlp.experts_lora.down"][1]) if name == "down_proj" else (dims["mlp.experts_lora.gate_up"][0], I)
+            d_in, d_out = (
+                (I, dims["mlp.experts_lora.down"][1]) if name == "down_proj" else (dims["mlp.experts_lora.gate_up"][0], I)
+            )
             ok = a.ndim == 3 and a.shape[0] == E and a.shape[2] == d_in and b.shape == (E, d_out, a.shape[1])
             expect = f"[{E}, r, {d_in}] and [{E}, {d_out}, r]"
         else:

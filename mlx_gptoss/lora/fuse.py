@@ -106,8 +106,10 @@ class FuseReport:
         if self.worst_tensor is not None:
             lines.append(f"update lost to the stored precision: {self.update_lost:.3%} (worst: {self.worst_tensor})")
         if self.kl_mean is not None:
-            lines.append(f"KL(unfused || fused) over {self.check_tokens} random tokens: mean {self.kl_mean:.3e}, max {self.kl_max:.3e} nats "
-                         f"(the adapter's own effect, KL(unfused || base): mean {self.kl_adapter_mean:.3e})")
+            lines.append(
+                f"KL(unfused || fused) over {self.check_tokens} random tokens: mean {self.kl_mean:.3e}, max {self.kl_max:.3e} nats "
+                f"(the adapter's own effect, KL(unfused || base): mean {self.kl_adapter_mean:.3e})"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,6 +172,7 @@ def fuse(
     merged_names = {n for names in modules.values() for n in names[1]}
     total = sum(i.nbytes for v in infos.values() for i in v)
     report = FuseReport(out, sorted(merged_names), check_tokens=check_tokens)
+
     def exists() -> None:  # another run may have finished meanwhile
         raise FuseError(f"{given}: already exists; fuse writes a new folder (choose another name)")
 

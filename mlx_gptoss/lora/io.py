@@ -87,7 +87,12 @@ def _fingerprint_keys(cfg: GptOssConfig) -> list[str]:
 
 
 def save_adapter(
-    model: Any, spec: LoRASpec, dst: str | Path, *, base_fingerprint: str, base_name: str | None = None,
+    model: Any,
+    spec: LoRASpec,
+    dst: str | Path,
+    *,
+    base_fingerprint: str,
+    base_name: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write the model's adapters to the folder ``dst`` atomically; returns ``dst``.

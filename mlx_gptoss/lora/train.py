@@ -28,9 +28,10 @@ import shutil
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,10 +39,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
-from .. import kernels
-from ..generate import peak_rss_gb
 from mlx_gptoss_convert.destination import DestinationLock
 
+from .. import kernels
+from ..generate import peak_rss_gb
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 SCHEDULES = ("cosine", "constant")
@@ -593,6 +594,7 @@ def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, c
         return save_checkpoint(out, Checkpoint(dict(tree_flatten(model.trainable_parameters())), opt_state, state))
 
     if cfg.grad_checkpoint:  # one block's graph at a time (streamed experts' slot writes stay out of it)
+
         def step_fn(m: nn.Module, batch: Batch, seed: int) -> tuple[mx.array, Any]:
             return loss_and_grads(m, batch, chunk=cfg.loss_chunk, seed=seed)
     else:
@@ -636,7 +638,7 @@ def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, c
                 skipped_steps += 1
                 progress.skipped = True
             else:
-                grads = tree_map(lambda g: g / n_targets, grads)
+                grads = tree_map(lambda g, n=n_targets: g / n, grads)
                 grad_norm = _global_norm(grads)
                 if cfg.max_grad_norm is not None:
                     grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -660,11 +662,15 @@ def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, c
             if on_progress is not None:
                 on_progress(progress)
             if valid_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                result.val_loss = _eval_and_report(model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result)
+                result.val_loss = _eval_and_report(
+                    model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result
+                )
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 result.checkpoint = checkpoint()
         if result.status == "completed" and valid_ex:
-            result.val_loss = _eval_and_report(model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result)
+            result.val_loss = _eval_and_report(
+                model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result
+            )
         result.checkpoint = checkpoint()
         _save_final(model, spec, out, base_fingerprint)  # also when cancelled: what was trained so far
     finally:
@@ -700,7 +706,8 @@ def _save_final(model: nn.Module, spec: Any, out: Path, base_fingerprint: str | 
     if spec is None:
         mx.save_safetensors(str(out / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         return
-    from .io import CONFIG, WEIGHTS, base_fingerprint as fingerprint, save_adapter
+    from .io import CONFIG, WEIGHTS, save_adapter
+    from .io import base_fingerprint as fingerprint
 
     # save_adapter replaces a whole folder, and ``out`` also holds the checkpoints and metrics:
     # write the adapter beside them, then move its files in (each atomically, the config last)

@@ -18,8 +18,9 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,8 +28,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .schemas import APIError, ChatRequest, InputItem, ResponsesRequest
-from .translate import (ChatBuilder, ResponseBuilder, chat_to_harmony, responses_items, responses_to_harmony,
-                        sse)  # fmt: skip
+from .translate import (
+    ChatBuilder,
+    ResponseBuilder,
+    chat_to_harmony,
+    responses_items,
+    responses_to_harmony,
+    sse,  # fmt: skip
+)
 
 log = logging.getLogger("mlx_gptoss.server")
 
@@ -217,7 +224,9 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
     async def chat_completions(request: Request):
         req: ChatRequest = await _parse(request, ChatRequest)
         check_model(req.model)
-        n = tokens(req.max_completion_tokens or req.max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        n = tokens(
+            req.max_completion_tokens or req.max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        )
         job = await submit(chat_to_harmony(req), max_tokens=n, temperature=_temp(req.temperature), top_p=req.top_p,
                      seed=req.seed, stop=[req.stop] if isinstance(req.stop, str) else req.stop)  # fmt: skip
         builder = ChatBuilder(model_id, encoding)
@@ -290,7 +299,9 @@ def _temp(t: float | None) -> float:
 
 
 def _streaming(body: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        body, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 def _stream_error(e: Exception) -> dict:

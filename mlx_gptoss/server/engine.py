@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Any, AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 from ..chat import ChatSession, Done, Reply
 from ..harmony import Event
@@ -131,7 +132,7 @@ class _Reading:
         self._last = item
         return item
 
-    def __enter__(self) -> "_Reading":
+    def __enter__(self) -> _Reading:
         return self
 
     def __exit__(self, *exc: Any) -> None:

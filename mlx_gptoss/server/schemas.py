@@ -9,7 +9,7 @@ refused with a 400 that says so.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -38,15 +38,15 @@ def check_parameters(schema: Any) -> dict:
     if schema is None:
         return {"type": "object", "properties": {}}
     if not isinstance(schema, dict):
-        raise ValueError("must be a JSON-schema object, e.g. {\"type\": \"object\", \"properties\": {...}}")
+        raise ValueError('must be a JSON-schema object, e.g. {"type": "object", "properties": {...}}')
     if schema.get("type", "object") != "object":
-        raise ValueError(f"the schema's type must be \"object\" (a function takes named arguments), not {schema.get('type')!r}")
+        raise ValueError(f'the schema\'s type must be "object" (a function takes named arguments), not {schema.get("type")!r}')
     props = schema.get("properties", {})
     if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
-        raise ValueError("\"properties\" must map each argument name to a JSON schema (an object)")
+        raise ValueError('"properties" must map each argument name to a JSON schema (an object)')
     required = schema.get("required", [])
     if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        raise ValueError("\"required\" must be a list of argument names")
+        raise ValueError('"required" must be a list of argument names')
     return schema
 
 
@@ -86,7 +86,7 @@ class ContentPart(_Model):
     text: str | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> "ContentPart":
+    def _text_only(self) -> ContentPart:
         if self.type not in ("text", "input_text", "output_text") or self.text is None:
             raise ValueError(f"only text content is supported (a part of type {self.type!r} was sent)")
         return self
@@ -128,7 +128,7 @@ class NamedToolChoice(_Model):
     name: str | None = None  # Responses: the name at the top level
 
 
-ToolChoice = Union[Literal["auto", "none", "required"], NamedToolChoice]
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
 
 
 class ChatRequest(_Model):
@@ -150,7 +150,7 @@ class ChatRequest(_Model):
     response_format: dict | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> "ChatRequest":
+    def _supported(self) -> ChatRequest:
         _text_format(self.response_format, "response_format")
         if self.n != 1:
             raise ValueError("n: only one choice per request is supported (n=1)")
@@ -172,7 +172,7 @@ class ResponseTool(_Model):
     strict: bool | None = None
 
     @model_validator(mode="after")
-    def _function(self) -> "ResponseTool":
+    def _function(self) -> ResponseTool:
         if self.type != "function":
             raise ValueError(f"only function tools are supported (a tool of type {self.type!r} was sent)")
         if self.name is None:
@@ -202,8 +202,12 @@ class InputItem(_Model):
     encrypted_content: str | None = None
 
     @model_validator(mode="after")
-    def _complete(self) -> "InputItem":
-        need = {"message": ("role",), "function_call": ("call_id", "name", "arguments"), "function_call_output": ("call_id", "output")}
+    def _complete(self) -> InputItem:
+        need = {
+            "message": ("role",),
+            "function_call": ("call_id", "name", "arguments"),
+            "function_call_output": ("call_id", "output"),
+        }
         missing = [f for f in need.get(self.type, ()) if getattr(self, f) is None]
         if missing:
             raise ValueError(f"a {self.type} item needs {', '.join(missing)}")
@@ -249,7 +253,7 @@ class ResponsesRequest(_Model):
     background: bool | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> "ResponsesRequest":
+    def _supported(self) -> ResponsesRequest:
         _text_format((self.text or {}).get("format"), "text.format")
         if self.background:
             raise ValueError("background: not supported by this server (stream instead)")

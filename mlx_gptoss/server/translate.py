@@ -16,10 +16,20 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from ..harmony import (CommentaryDelta, FinalDelta, ReasoningDelta, ToolCallCompleted, ToolCallDelta, ToolCallStarted,
-                       developer_message, for_rendering, system_message)  # fmt: skip
+from ..harmony import (
+    CommentaryDelta,
+    FinalDelta,
+    ReasoningDelta,
+    ToolCallCompleted,
+    ToolCallDelta,
+    ToolCallStarted,
+    developer_message,  # fmt: skip
+    for_rendering,
+    system_message,
+)
 from ..tools import Tool
 from .schemas import APIError, ChatRequest, InputItem, ResponsesRequest
 
@@ -339,10 +349,9 @@ class ResponseBuilder:
         return self._event("response.failed", response=self._snapshot())
 
 
-
 def _unsent(sent: str, complete: str) -> str:
     """What of a call's arguments the parser completed without streaming it (the tail)."""
-    return complete[len(sent):] if complete.startswith(sent) else ""
+    return complete[len(sent) :] if complete.startswith(sent) else ""
 
 
 def sse(events: Iterable[dict], named: bool) -> str:
