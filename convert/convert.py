@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
+from tqdm import tqdm
 
 from mlx_gptoss.config import GptOssConfig, QuantSpec
+from mlx_gptoss.model import GptOss
 from mlx_gptoss.safetensors_io import DTYPE_SIZE, SafetensorsWriter, TensorInfo, split_into_shards, tensor_nbytes
+from mlx_gptoss.version import __version__
 
 from .destination import SPACE_MARGIN, check_no_overlap, check_replaceable, claimed, destination, staged
 from .layout import (
@@ -80,11 +85,6 @@ class Planned:
 
 def _expected_params(config) -> dict[str, tuple[tuple[int, ...], str]]:
     """Our parameter names, shapes and kinds, read off the (lazy, never evaluated) model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from mlx_gptoss.model import GptOss
-
     kinds = {mx.uint32: "U32", mx.uint8: "U8"}
     return {k: (tuple(v.shape), kinds.get(v.dtype, "float")) for k, v in tree_flatten(GptOss(config).parameters())}
 
@@ -165,8 +165,6 @@ def plan(release: Release, config: GptOssConfig | None = None) -> list[Planned]:
 
 def _quantize_expert(info: TensorInfo, e: int, fh: BinaryIO, transposed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Dense expert e [in, out] ([out, in] when ``transposed``) -> MXFP4 codes [out, in/8] u32, scales [out, in/32] u8."""
-    import mlx.core as mx
-
     d_in, d_out = info.shape[2:0:-1] if transposed else info.shape[1:]
     size = DTYPE_SIZE[info.dtype] * d_in * d_out
     fh.seek(info.begin + e * size)
@@ -198,7 +196,6 @@ def _rows(infos: list[TensorInfo], fh, max_bytes: int = 64 << 20) -> Iterable[np
 
 
 def _quantize_rows(dtype: str, rows: np.ndarray, spec: QuantSpec) -> dict[str, np.ndarray]:
-    import mlx.core as mx
 
     w = mx.array(rows).view(mx.bfloat16) if dtype == "BF16" else mx.array(rows)
     parts = mx.quantize(w, group_size=spec.group_size, bits=spec.bits, mode=spec.mode)
@@ -303,8 +300,6 @@ def _harmony_vocab(release: Release) -> bytes | None:
 
 def _write_metadata(release: Release, out_config: GptOssConfig, dst: Path, src_label: str, weight_map: dict[str, str],
                     total: int, vocab: bytes | None) -> list[str]:  # fmt: skip
-    from mlx_gptoss import __version__
-
     notes = []
     config = out_config.to_dict()
     config["mlx_gptoss"] = {
@@ -339,7 +334,6 @@ def _write(release: Release, out_config: GptOssConfig, shards: list[list[Planned
            dst: Path, src_label: str, show: bool) -> list[str]:  # fmt: skip
     """Write the conversion into a hidden sibling of ``dst``, then rename it into place (replacing ``dst``)."""
     streamer = _Streamer()
-    from tqdm import tqdm
 
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not show)
     try:

@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from mlx_gptoss.config import ConfigError, GptOssConfig, QuantSpec, read_json
+from mlx_gptoss.converted import LoadError, check_format, shard_files
 from mlx_gptoss.safetensors_io import (
     NUMPY_DTYPE,
     SafetensorsWriter,
@@ -36,10 +39,12 @@ from mlx_gptoss.safetensors_io import (
     split_into_shards,  # fmt: skip
     tensor_nbytes,
 )
+from mlx_gptoss.version import __version__
 
 from .convert import DEFAULT_SHARD_BYTES, TOKENIZER_FILES, _expected_params, _is_output
 from .destination import SPACE_MARGIN, check_no_overlap, check_replaceable, claimed, destination, staged
 from .layout import BLOCKS, CONCAT, COPY, HF, INTERLEAVE, MLXLM, MLXLM_MODULES, quantizable, source_keys
+from .release import hf_config_dict
 from .source import INDEX, ConversionError, read_headers
 
 FORMATS = (HF, MLXLM)
@@ -78,15 +83,15 @@ class Model:
 
 
 def open_model(model: str | Path) -> Model:
-    """Open one of our checkpoints (a folder or a repo id) and check its tensors against its config.json."""
-    from mlx_gptoss.loader import LoadError, _format_check, _shards, resolve_model
-
+    """Open one of our checkpoints (a folder; the CLI resolves repo ids first) and check its tensors against its config.json."""
+    root = Path(model).expanduser()
     try:
-        root = resolve_model(model)
+        if not (root / "config.json").is_file():
+            raise LoadError(f"{model}: " + ("no config.json" if root.is_dir() else "no such folder"))
         raw = read_json(root / "config.json")
-        _format_check(root, raw)
+        check_format(root, raw)
         config = GptOssConfig.from_dict(raw, source=str(root / "config.json"))
-        files = _shards(root)
+        files = shard_files(root)
     except (LoadError, ConfigError) as e:
         raise ConversionError(str(e)) from None
     found = read_headers(files)
@@ -172,8 +177,6 @@ def _read(fh: BinaryIO, info: TensorInfo, offset: int, n: int) -> bytes:
 
 def _rows_array(info: TensorInfo, fh: BinaryIO, r: int, n: int):
     """Rows r..r+n of a 2-D tensor as an MLX array of its dtype."""
-    import mlx.core as mx
-
     row = info.nbytes // info.shape[0]
     a = mx.array(np.frombuffer(_read(fh, info, r * row, n * row), dtype=NUMPY_DTYPE[info.dtype]).reshape(n, -1))
     return a.view(mx.bfloat16) if info.dtype == "BF16" else a
@@ -183,8 +186,6 @@ def _chunks(p: Piece, fh: Callable[[TensorInfo], BinaryIO], max_bytes: int = 64 
     """The bytes of one output tensor, a bounded chunk at a time."""
     info = p.src
     if p.quant is not None:
-        import mlx.core as mx
-
         scales, biases, spec = p.quant
         a, z = p.rows or (0, info.shape[0])
         step = max(1, max_bytes // (4 * p.shape[1]))
@@ -216,8 +217,6 @@ def _file_names(fmt: str, n: int) -> list[str]:
 
 def release_config(config: GptOssConfig) -> dict:
     """config.json as the release writes it, for this model (the mxfp4 ``quantization_config`` included)."""
-    from .synthetic import hf_config_dict
-
     d = hf_config_dict(config)
     eos = config.eos_token_id
     d["eos_token_id"] = list(eos) if isinstance(eos, tuple) else eos
@@ -263,10 +262,6 @@ def _check_replaceable(dst: Path) -> None:
 
 def _write(m: Model, fmt: str, shards: list[list[Piece]], total: int, dst: Path, notes: list[str], show: bool) -> None:
     """Write the export into a hidden sibling of ``dst``, then rename it into place (replacing ``dst``)."""
-    from tqdm import tqdm
-
-    from mlx_gptoss import __version__
-
     files: dict[Path, BinaryIO] = {}
 
     def fh(info: TensorInfo) -> BinaryIO:

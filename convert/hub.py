@@ -8,6 +8,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import huggingface_hub  # called through the module: tests stand in for the Hub by patching its functions
+from huggingface_hub.errors import (
+    CacheNotFound,
+    CorruptedCacheException,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import filter_repo_objects
+
 from .source import ConversionError
 
 # What the converter reads: the top folder only. The release also ships original/ and metal/ copies
@@ -27,12 +38,13 @@ def download(repo_id: str, *, revision: str | None = None, offline_hint: str = O
     ``revision`` is a branch, tag or commit (default: main). ``offline_hint`` ends the error
     raised when there is no network and no cached copy.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     token = os.environ.get("HF_TOKEN") or None  # None: huggingface_hub falls back to a stored login
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=PATTERNS, ignore_patterns=IGNORE, token=token))
+        return Path(
+            huggingface_hub.snapshot_download(
+                repo_id, revision=revision, allow_patterns=PATTERNS, ignore_patterns=IGNORE, token=token
+            )
+        )
     except LocalEntryNotFoundError as e:
         raise ConversionError(
             f"cannot download {repo_id}: no network connection and no copy in the Hugging Face cache "
@@ -49,11 +61,10 @@ def download(repo_id: str, *, revision: str | None = None, offline_hint: str = O
 
 def remote_size(repo_id: str, revision: str | None = None) -> int | None:
     """Bytes the files ``download`` fetches, asked of the Hub before downloading; None when it cannot say (offline)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.utils import filter_repo_objects
-
     try:
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True, token=os.environ.get("HF_TOKEN") or None)
+        info = huggingface_hub.HfApi().model_info(
+            repo_id, revision=revision, files_metadata=True, token=os.environ.get("HF_TOKEN") or None
+        )
     except Exception:  # noqa: BLE001 - offline, no access, whichever HTTP client the hub uses: the download will say
         return None
     files = filter_repo_objects(info.siblings or [], allow_patterns=PATTERNS, ignore_patterns=IGNORE, key=lambda f: f.rfilename)
@@ -80,14 +91,11 @@ def drop_download(snapshot: Path) -> int | None:
 
     Only a revision of the cache is ever deleted (through huggingface_hub), never a folder the user gave.
     """
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound, CorruptedCacheException
-
     snapshot = snapshot.resolve()
     if len(snapshot.parents) < 3 or snapshot.parent.name != "snapshots":
         return None
     try:
-        info = scan_cache_dir(snapshot.parents[2])  # <cache>/models--owner--name/snapshots/<commit>
+        info = huggingface_hub.scan_cache_dir(snapshot.parents[2])  # <cache>/models--owner--name/snapshots/<commit>
     except (CacheNotFound, CorruptedCacheException):
         return None
     for repo in info.repos:

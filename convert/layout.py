@@ -31,7 +31,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mlx_gptoss.loader import FORMAT_NAME, FORMAT_VERSION  # noqa: F401 - the format is the loader's contract
+from mlx_gptoss.converted import FORMAT_NAME as FORMAT_NAME  # the format is the loader's contract
+from mlx_gptoss.converted import FORMAT_VERSION as FORMAT_VERSION
 
 # Source layouts, detected from the tensor names (never from paths).
 HF = "hf"  # released Hugging Face layout, MXFP4 experts as *_blocks / *_scales

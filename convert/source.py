@@ -10,6 +10,7 @@ from mlx_gptoss.config import ConfigError, GptOssConfig, read_json
 from mlx_gptoss.safetensors_io import SafetensorsError, TensorInfo, read_header, read_index
 
 from .layout import FORMAT_NAME, HF_DENSE, HF_DENSE_T, LAYOUTS, MLXLM, ORIGINAL, detect_layout, original_config_to_hf
+from .mlxlm import PREFIX, read_quantization
 
 INDEX = "model.safetensors.index.json"
 
@@ -126,8 +127,6 @@ def open_release(src: str | Path, layout: str | None = None) -> Release:
     except ConfigError as e:
         raise ConversionError(str(e)) from None
     if found == MLXLM:
-        from .mlxlm import read_quantization
-
         try:
             quant = read_quantization(raw, tensors, config.num_hidden_layers, str(cfg_path))
         except ValueError as e:
@@ -145,8 +144,6 @@ def open_release(src: str | Path, layout: str | None = None) -> Release:
 
 def _strip_prefix(tensors: dict[str, TensorInfo], root: Path) -> dict[str, TensorInfo]:
     """mlx-vlm's ``language_model.`` prefix dropped from every name (all or none must carry it)."""
-    from .mlxlm import PREFIX
-
     with_prefix = [n for n in tensors if n.startswith(PREFIX)]
     if not with_prefix:
         return tensors

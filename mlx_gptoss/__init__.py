@@ -6,6 +6,8 @@
     print(result.text)
 
 Heavy modules (mlx, harmony) are imported on first use, so ``import mlx_gptoss`` is instant.
+The conveniences (``load`` with repo ids and adapters, ``Model.chat()``, ``generate``) live in
+:mod:`mlx_gptoss.api`, the facade; the layers they compose are in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> the submodule that defines it (imported on first use)
 _LAZY = {
-    "load": "loader",
-    "generate": "generate",
+    "load": "api",
+    "generate": "api",
+    "Model": "api",
     "GenerationResult": "generate",
     "GptOssConfig": "config",
     "ChatSession": "chat",
@@ -52,7 +55,7 @@ def __dir__() -> list[str]:
 class _Package(types.ModuleType):
     """Keeps ``mlx_gptoss.generate`` the function.
 
-    Importing the submodule ``mlx_gptoss.generate`` (chat.py does) makes the import system set
+    Importing the submodule ``mlx_gptoss.generate`` (the token loop) makes the import system set
     the package attribute of the same name to the submodule; that one assignment is ignored.
     """
 

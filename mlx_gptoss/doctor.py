@@ -7,6 +7,11 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
+
+from .kernels.selfcheck import report as kernel_checks
+from .loader import LoadError, read_config
+from .lora.adapters import LoRASpec
 from .memory import GB, BudgetError, plan_memory, plan_training, read_tensors
 
 # A Mac keeps this much of the GPU working set (or of RAM, elsewhere) free for the system and apps.
@@ -27,7 +32,6 @@ class Machine:
 
 
 def machine() -> Machine:
-    import mlx.core as mx
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     gpu_limit = None
@@ -45,8 +49,6 @@ def machine() -> Machine:
 def kernels_report() -> str:
     """`doctor --kernels`: the machine, then each custom GPU kernel against its twin and a short
     benchmark (or why the kernels are not used here); see :mod:`mlx_gptoss.kernels.selfcheck`."""
-    from .kernels.selfcheck import report as kernel_checks
-
     m = machine()
     return f"machine: {m.system}, {m.ram / GB:.1f} GB RAM, MLX backend {m.backend}\n" + kernel_checks()
 
@@ -67,7 +69,6 @@ def report(model_dir: Path | None, context: int = 8192, *, train_seq_len: int | 
     lines.append(f"recommended memory budget: {budget / GB:.1f} GB (--memory-budget {budget / GB:.1f}GB)")
     if model_dir is None:
         return "\n".join(lines)
-    from .loader import LoadError, read_config
 
     if not (model_dir / "config.json").is_file():
         released = (model_dir / "original" / "config.json").is_file()
@@ -101,7 +102,6 @@ def report(model_dir: Path | None, context: int = 8192, *, train_seq_len: int | 
 
 
 def _training(config, tensors, seq_len: int, spec, budget: int) -> list[str]:  # noqa: ANN001
-    from .lora.adapters import LoRASpec
 
     spec = spec if spec is not None else LoRASpec(rank=8, alpha=16.0)
     layers = "all layers" if spec.layers is None else f"layers {','.join(map(str, spec.layers))}"

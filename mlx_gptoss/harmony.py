@@ -4,14 +4,26 @@ token stream into typed events (reasoning, answer, tool calls) that never raise.
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from openai_harmony import HarmonyEncoding, Message
+from openai_harmony import (
+    Conversation,
+    DeveloperContent,
+    HarmonyEncoding,
+    Message,
+    ReasoningEffort,
+    Role,
+    StreamableParser,
+    SystemContent,
+    ToolDescription,
+)
+
+from .tokenizer import harmony_errors
 
 Effort = Literal["low", "medium", "high"]
 EFFORTS = ("low", "medium", "high")
@@ -19,8 +31,6 @@ EFFORTS = ("low", "medium", "high")
 
 def system_message(reasoning_effort: Effort = "medium", *, identity: str | None = None, today: date | None = None) -> Message:
     """Harmony's system message: reasoning effort, date and (optionally) the model identity line."""
-    from openai_harmony import Message, ReasoningEffort, Role, SystemContent
-
     if reasoning_effort not in EFFORTS:
         raise ValueError(f"reasoning_effort must be low, medium or high, not {reasoning_effort!r}")
     content = SystemContent.new().with_reasoning_effort(ReasoningEffort(reasoning_effort.capitalize()))
@@ -34,8 +44,6 @@ def developer_message(instructions: str | None, tools: Iterable[Any] = ()) -> Me
     """Harmony's developer message: the instructions and the function tools (objects with
     ``name``, ``description`` and ``parameters``, e.g. :class:`~mlx_gptoss.tools.Tool`); None
     when there is neither."""
-    from openai_harmony import DeveloperContent, Message, Role, ToolDescription
-
     tools = list(tools)
     if not instructions and not tools:
         return None
@@ -74,8 +82,6 @@ def render_prompt(
     ``system`` becomes the developer message's instructions (harmony's place for what other chat
     formats call the system prompt); the harmony system message carries the reasoning effort.
     """
-    from openai_harmony import DeveloperContent, Message, Role
-
     messages = [system_message(reasoning_effort, today=today)]
     if system:
         messages.append(Message.from_role_and_content(Role.DEVELOPER, DeveloperContent.new().with_instructions(system)))
@@ -89,10 +95,6 @@ def render_for_completion(encoding: HarmonyEncoding, messages: list[Message]) ->
     Raises :class:`~mlx_gptoss.tokenizer.TokenizerError` (a ValueError) when openai-harmony
     fails on the text (it panics on some pathological input) instead of a BaseException.
     """
-    from openai_harmony import Conversation, Role
-
-    from .tokenizer import harmony_errors
-
     with harmony_errors("render the conversation"):
         return encoding.render_conversation_for_completion(Conversation.from_messages(messages), Role.ASSISTANT)
 
@@ -184,7 +186,6 @@ class HarmonyStream:
     problems: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from openai_harmony import Role, StreamableParser
 
         enc = self.encoding
         self._StreamableParser, self._Role = StreamableParser, Role
@@ -375,7 +376,6 @@ class HarmonyStream:
         return events + self._recover(token)
 
     def _start_recovery(self) -> None:
-        import codecs
 
         self._recovering = True
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import kernels
 from .config import QuantSpec
+from .safetensors_io import NUMPY_DTYPE
 
 
 class QuantLinear(nn.Module):
@@ -80,6 +81,5 @@ class HostEmbedding:
 
 
 def _memmap(info) -> np.memmap:
-    from .safetensors_io import NUMPY_DTYPE
 
     return np.memmap(Path(info.file), dtype=NUMPY_DTYPE[info.dtype], mode="r", offset=info.begin, shape=info.shape)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .config import FULL, SLIDING, GptOssConfig
+from .converted import read_tensors as read_tensors  # re-exported: the planner's callers read headers with it
 from .safetensors_io import DTYPE_SIZE, TensorInfo
 
 GB = 1e9
@@ -301,17 +301,3 @@ def budget_for_slots(
     unbounded = plan_memory(config, tensors, 10**15, context=context, float_bytes=float_bytes)
     experts = unbounded.expert_slots * config.num_hidden_layers * unbounded.expert_bytes
     return unbounded.mlx_bytes - experts + slots * config.num_hidden_layers * unbounded.expert_bytes
-
-
-def read_tensors(path: Path) -> dict[str, TensorInfo]:
-    """Headers of every shard of a converted checkpoint (the shards its index lists, as the loader reads)."""
-    from .loader import LoadError, _shards
-    from .safetensors_io import SafetensorsError, read_header
-
-    out: dict[str, TensorInfo] = {}
-    for f in _shards(Path(path)):
-        try:
-            out.update(read_header(f)[0])
-        except SafetensorsError as e:
-            raise LoadError(str(e)) from None
-    return out

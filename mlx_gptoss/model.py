@@ -149,12 +149,6 @@ class GptOss(nn.Module):
         self.tokenizer: Any = None  # set by the loader
         self._decoder: decode.CompiledDecode | None = None
 
-    def chat(self, **options: Any) -> ChatSession:  # noqa: F821
-        """A harmony chat session with this model; see :class:`mlx_gptoss.chat.ChatSession`."""
-        from .chat import ChatSession
-
-        return ChatSession(self, **options)
-
     def make_cache(self, reserve: int = 0) -> list[KVCache | SlidingKVCache]:
         """Fresh per-layer KV caches; ``reserve`` allocates that many positions up front."""
         W, c = self.config.sliding_window, self.config

@@ -1,18 +1,85 @@
-"""Converted models in the cache (``cache_root()/models``): the first conversion of a repo id, list, remove.
+"""Models by name: a folder or a Hugging Face repo id, converted once into the cache
+(``cache_root()/models``); the cache listed and pruned.
 
 A repo id is converted once into ``models/owner--name`` (``owner--name@revision`` for another
-revision than the default); only folders our converter wrote are listed or removed.
+revision than the default); only folders our converter wrote are listed or removed. This sits
+above the converter (it runs it) and the core loader (it checks what it converted).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .loader import FORMAT_NAME, LoadError, cache_root
+from mlx.utils import tree_flatten
+
+from mlx_gptoss_convert import convert as run_conversion
+from mlx_gptoss_convert.destination import SPACE_MARGIN, check_free_space, destination
+from mlx_gptoss_convert.hub import (
+    KEEP_ENV,
+    OFFLINE_HINT,
+    download,
+    download_size,
+    drop_download,
+    keep_download_default,
+    remote_size,
+)
+
+from .config import GptOssConfig
+from .converted import FORMAT_NAME, LoadError, read_config
+from .loader import load_weights
+from .model import GptOss
+from .paths import DEFAULT_MODEL as DEFAULT_MODEL
+from .paths import cache_root
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_repo_id(name: str | Path) -> bool:
+    """Whether ``name`` reads as a Hugging Face repo id (owner/name) and is not an existing path."""
+    return not Path(name).expanduser().exists() and bool(REPO_ID.match(str(name)))
+
+
+def resolve_model(path_or_repo: str | Path, *, progress: bool | None = None, revision: str | None = None,
+                  keep_download: bool | None = None, convert: bool = True) -> Path:  # fmt: skip
+    """A converted model folder for a path or a Hugging Face repo id (downloaded and converted once).
+
+    A repo id is looked up in ``cache_root()/models``. The first time, it is downloaded into the
+    Hugging Face cache (``$HF_TOKEN`` for private or gated repos) and converted there: where it
+    writes and the disk it needs are said on stderr first, free space is checked, and once the
+    converted copy is checked the download is kept or dropped (``keep_download``; default
+    ``$MLX_GPTOSS_KEEP_DOWNLOAD``, else keep). ``convert=False`` raises :class:`LoadError`
+    instead of downloading.
+    """
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    name = str(path_or_repo)
+    if not REPO_ID.match(name):
+        raise LoadError(f"{name}: no such folder, and not a Hugging Face repo id (owner/name)")
+    converted = converted_path(name, revision)
+    if (converted / "config.json").is_file():
+        return converted
+    if not convert:
+        raise LoadError(f"{name}: not converted yet ({converted} does not exist); `mlx-gptoss convert {name} {converted}` "
+                        f"converts it (generate and chat do it on first use)")  # fmt: skip
+    hint = (
+        f"It has not been converted yet ({converted} does not exist). If you have the release downloaded, "
+        "convert it: `mlx-gptoss convert SRC DST`, then run with `--model DST` (in Python: load(DST))."
+    )
+    return convert_once(name, converted, revision=revision, progress=progress, keep_download=keep_download, offline_hint=hint)
+
+
+def resolve_config(path_or_repo: str | Path) -> tuple[Path, GptOssConfig]:
+    """The converted folder of ``path_or_repo`` (see :func:`resolve_model`) and its config, as the loader reads them."""
+    path = resolve_model(path_or_repo)
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path}: no config.json")
+    return path, read_config(path)
 
 
 def models_root() -> Path:
@@ -43,21 +110,15 @@ def convert_once(repo_id: str, dst: Path, *, revision: str | None = None, progre
             dropping would free and the command that does it are printed.
         offline_hint: ends the error raised when there is no network and no cached copy.
     """
-    from mlx_gptoss_convert import convert
-    from mlx_gptoss_convert.hub import keep_download_default
-
     keep = keep_download_default() if keep_download is None else keep_download  # a bad setting fails before any download
     src = fetch(repo_id, dst, revision=revision, offline_hint=offline_hint)
-    convert(src, dst, progress=progress)
+    run_conversion(src, dst, progress=progress)
     finish_download(repo_id, src, dst, keep)
     return dst
 
 
 def fetch(repo_id: str, dst: Path, *, revision: str | None = None, offline_hint: str | None = None) -> Path:
     """Download ``repo_id`` to be converted into ``dst``: where and how much said first, free space checked."""
-    from mlx_gptoss_convert.destination import SPACE_MARGIN, check_free_space, destination
-    from mlx_gptoss_convert.hub import OFFLINE_HINT, download, download_size, remote_size
-
     dst = destination(dst)
     size = remote_size(repo_id, revision)
     need = f"about {_gb(size)} for the download and as much for the converted copy" if size else "about twice the download"
@@ -72,8 +133,6 @@ def fetch(repo_id: str, dst: Path, *, revision: str | None = None, offline_hint:
 
 def finish_download(repo_id: str, src: Path, dst: Path, keep: bool) -> None:
     """Once the conversion in ``dst`` checks out: keep the download (saying what dropping frees) or drop it."""
-    from mlx_gptoss_convert.hub import KEEP_ENV, download_size, drop_download
-
     verify(dst)
     if keep:
         _say(f"the download is kept in {src}; dropping it would free {_gb(download_size(src))}: "
@@ -89,11 +148,6 @@ def finish_download(repo_id: str, src: Path, dst: Path, keep: bool) -> None:
 
 def verify(path: Path) -> None:
     """The checks load() makes (format, config, every tensor's name, dtype and shape), reading headers only."""
-    from mlx.utils import tree_flatten
-
-    from .loader import load_weights, read_config
-    from .model import GptOss
-
     config = read_config(path)
     load_weights(path, dict(tree_flatten(GptOss(config).parameters())))
 

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
@@ -192,7 +193,7 @@ def enable_history(path: Path = HISTORY_FILE) -> Callable[[], None] | None:
     """Line editing and a persistent history with readline, when it is available; returns the
     function that saves the history (None without readline). File errors are ignored."""
     try:
-        import readline
+        import readline  # not on every platform (Windows has none): the chat works without it
     except ImportError:
         return None
     try:
@@ -212,6 +213,5 @@ def enable_history(path: Path = HISTORY_FILE) -> Callable[[], None] | None:
 
 
 def _in_main_thread() -> bool:
-    import threading
 
     return threading.current_thread() is threading.main_thread()

@@ -27,6 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import kernels
+from .model import MoE
 from .safetensors_io import NUMPY_DTYPE, TensorInfo
 
 PARTS = ("gate_up.weight", "gate_up.scales", "gate_up.bias", "down.weight", "down.scales", "down.bias")
@@ -339,8 +340,6 @@ class StreamedMoE(nn.Module):
 
 def stream_experts(model: nn.Module, tensors: dict[str, TensorInfo], slots: int, *, prefetch: bool = True) -> StreamStats:
     """Replace every layer's MoE by a :class:`StreamedMoE` with ``slots`` resident experts."""
-    from .model import MoE
-
     L = model.config.num_hidden_layers
     shared = _Shared(ExpertReader(tensors, L), StreamStats.empty(L), ThreadPoolExecutor(1) if prefetch else None)
     dtype = model.layers[0].input_layernorm.weight.dtype  # the router may be stored quantized

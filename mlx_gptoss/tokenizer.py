@@ -52,6 +52,7 @@ def harmony_errors(what: str) -> Iterator[None]:
 
 def load_harmony_encoding(vocab_dir: str | Path | None = None) -> HarmonyEncoding:
     """The o200k_harmony encoding, with its vocabulary read from ``vocab_dir`` when it has one."""
+    # openai-harmony takes ~0.7 s to import: the loader builds a Tokenizer for every model, the encoding loads on first use
     from openai_harmony import HarmonyEncodingName, HarmonyError
     from openai_harmony import load_harmony_encoding as _load
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from mlx_gptoss.config import GptOssConfig
+from mlx_gptoss.testing import write_release, write_tokenizer_json
 from mlx_gptoss_convert import convert
-from mlx_gptoss_convert.synthetic import write_release, write_tokenizer_json
 
 TINY = GptOssConfig.tiny()
 # Big enough for harmony's token ids (the release's vocabulary size), small elsewhere.

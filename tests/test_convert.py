@@ -14,8 +14,8 @@ from conftest import TINY
 from helpers import fail_write_at, leftovers
 
 from mlx_gptoss.safetensors_io import read_header
+from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import ConversionError, convert
-from mlx_gptoss_convert.synthetic import write_release
 
 
 def tensors(folder: Path) -> dict[str, np.ndarray]:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
+from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import ConversionError, convert
-from mlx_gptoss_convert.synthetic import write_release
 
 # Runs the CLI with SafetensorsWriter.write held at its first call until GATE/go exists (GATE/started
 # says it got there), so a test can act on a conversion that is midway.

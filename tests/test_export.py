@@ -22,9 +22,9 @@ import pytest
 import mlx_gptoss
 from mlx_gptoss.config import GptOssConfig, QuantSpec, YarnScaling
 from mlx_gptoss.safetensors_io import read_header
+from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import ConversionError, convert
 from mlx_gptoss_convert.export import MARKER, export
-from mlx_gptoss_convert.synthetic import write_release
 
 pytest.importorskip("mlx_lm")
 from helpers import fail_write_at, leftovers  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 from mlx_gptoss import kernels
 from mlx_gptoss.kernels import gpu, ops, selfcheck
 from mlx_gptoss.kernels import source as S
-from mlx_gptoss_convert.synthetic import dequantize_mxfp4
+from mlx_gptoss.testing import dequantize_mxfp4
 
 LIMIT, ALPHA = 7.0, 1.702
 HERE = Path(__file__).parent
@@ -160,7 +160,7 @@ def test_dispatcher_routes_by_token_count(monkeypatch):
     rest. The GPU kernels are replaced by their twins here (same signatures), so the result must
     still match the reference on both sides of the threshold."""
     calls = []
-    monkeypatch.setattr(kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(kernels.backends, "backend", lambda: "cuda")
     monkeypatch.setattr(selfcheck, "failed", lambda dialect: frozenset())
     monkeypatch.setattr(
         gpu, "mxfp4_gate_up_swiglu", lambda *a, dialect, **k: calls.append("gate_up") or ops.mxfp4_gate_up_swiglu(*a, **k)
@@ -186,7 +186,7 @@ def test_dispatcher_routes_by_token_count(monkeypatch):
 
 
 def test_env_var_forces_twin():
-    code = "import mlx.core as mx; from mlx_gptoss import kernels; mx.set_default_device(mx.cpu); print(kernels._mode)"
+    code = "import mlx.core as mx; from mlx_gptoss import kernels; mx.set_default_device(mx.cpu); print(kernels.mode())"
     out = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, "MLX_GPTOSS_KERNELS": "twin"}, capture_output=True, text=True
     )
@@ -225,7 +225,7 @@ def fake_gpu(monkeypatch, *, route=None, gate_up=None, down=None, calls=None):
         r = None if residual is None else residual.astype(F32)
         return ops.mxfp4_down_combine(act, ids, wts.astype(F32), w, s, b.astype(F32), r, out_dtype=out_dtype)
 
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(kernels.backends, "backend", lambda: "metal")
     monkeypatch.setattr(gpu, "route_topk_softmax", route or good_route)
     monkeypatch.setattr(gpu, "route_matvec_topk", good_route_matvec)
     monkeypatch.setattr(gpu, "mxfp4_gate_up_swiglu", gate_up or good_gate_up)
@@ -325,7 +325,7 @@ def test_selfcheck_of_the_real_metal_launchers_on_this_machine(monkeypatch):
     warning, and the dispatcher still answers correctly through the twins."""
     if mx.metal.is_available():
         pytest.skip("a Metal device: the launches would run")
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(kernels.backends, "backend", lambda: "metal")
     run, ref = moe_call(N=2)
     with pytest.warns(RuntimeWarning) as rec:
         y = run()

@@ -107,7 +107,7 @@ def test_moe_kernels_match_twins(experts, N, how, lg, ld, dtype):
 
 def test_gate_up_matches_naive_reference(experts):
     """One token against float64 numpy on the dequantized selected experts."""
-    from mlx_gptoss_convert.synthetic import dequantize_mxfp4
+    from mlx_gptoss.testing import dequantize_mxfp4
 
     (gw, gs, gb), _ = experts
     rng = np.random.default_rng(11)
@@ -171,8 +171,8 @@ def test_full_model_logits_kernels_vs_twins(tmp_path):
     the decode steps go through the kernels, and the logits must match the twin path's."""
     from mlx_gptoss import load
     from mlx_gptoss.config import GptOssConfig
+    from mlx_gptoss.testing import write_release
     from mlx_gptoss_convert import convert
-    from mlx_gptoss_convert.synthetic import write_release
 
     cfg = GptOssConfig.gpt_oss_20b(num_hidden_layers=2, vocab_size=4096)
     model_dir = convert(write_release(tmp_path / "rel", cfg, seed=1), tmp_path / "conv")

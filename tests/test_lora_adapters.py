@@ -30,8 +30,8 @@ from mlx_gptoss.lora.adapters import (
     set_lora_parameters,
 )  # fmt: skip
 from mlx_gptoss.lora.io import CONFIG, WEIGHTS, base_fingerprint, load_adapter, save_adapter
+from mlx_gptoss.testing import dequantize_mxfp4
 from mlx_gptoss_convert import convert
-from mlx_gptoss_convert.synthetic import dequantize_mxfp4
 
 ALL = ("attention", "router", "experts")
 IDS = mx.array([[5, 17, 3, 99, 250, 7, 1, 42, 8, 300, 11, 64]])
@@ -207,7 +207,7 @@ def test_delta_runs_the_twin_on_gpu_backends(model, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("fused kernel called with a delta")
 
-    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(kernels.backends, "backend", lambda: "metal")
     monkeypatch.setattr(kernels, "route_topk_softmax", ops.route_topk_softmax)  # no Metal here
     monkeypatch.setattr(kernels.gpu, "mxfp4_gate_up_swiglu", boom)
     assert mx.array_equal(mlp(x), want)

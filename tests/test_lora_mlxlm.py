@@ -19,8 +19,8 @@ import mlx_gptoss
 from mlx_gptoss.config import GptOssConfig, YarnScaling
 from mlx_gptoss.lora.adapters import LoRAError, apply_lora, remove_lora, set_lora_parameters
 from mlx_gptoss.lora.formats import detect_adapter_format, read_adapter
+from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import convert
-from mlx_gptoss_convert.synthetic import write_release
 
 pytest.importorskip("mlx_lm")
 from test_parity import BOUND, relative_error  # noqa: E402  (the parity test's measure and bound)

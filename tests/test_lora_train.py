@@ -161,8 +161,8 @@ def test_training_runs_the_differentiable_kernel_twins_and_restores_the_mode(mod
     kernels.set_mode("auto")
     try:
         cfg = TrainConfig(tmp_path / "run", iterations=2, save_every=0, eval_every=1)
-        train(model, EXAMPLES, EXAMPLES, cfg, on_progress=lambda p: seen.append(kernels._mode))
-        assert seen == ["twin"] * 4 and kernels._mode == "auto"
+        train(model, EXAMPLES, EXAMPLES, cfg, on_progress=lambda p: seen.append(kernels.mode()))
+        assert seen == ["twin"] * 4 and kernels.mode() == "auto"
     finally:
         kernels.set_mode(os.environ.get("MLX_GPTOSS_KERNELS", "auto"))
 

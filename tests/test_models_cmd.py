@@ -18,9 +18,10 @@ from types import SimpleNamespace
 import pytest
 
 from mlx_gptoss.config import GptOssConfig
-from mlx_gptoss.loader import LoadError, resolve_model
+from mlx_gptoss.loader import LoadError
+from mlx_gptoss.models import resolve_model
+from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import ConversionError
-from mlx_gptoss_convert.synthetic import write_release
 
 REPO = "someone/gpt-oss-tiny"
 CFG = GptOssConfig.tiny(vocab_size=201088, num_hidden_layers=2)  # harmony's token ids, for generate

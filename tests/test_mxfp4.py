@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gptoss_convert.synthetic import dequantize_mxfp4
+from mlx_gptoss.testing import dequantize_mxfp4
 
 
 def e2m1_spec(code: int) -> float:

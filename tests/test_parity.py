@@ -9,8 +9,8 @@ import pytest
 
 import mlx_gptoss
 from mlx_gptoss.config import GptOssConfig
+from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import convert
-from mlx_gptoss_convert.synthetic import write_release
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -19,8 +19,8 @@ import pytest
 import mlx_gptoss
 from mlx_gptoss.config import GptOssConfig, QuantSpec, YarnScaling
 from mlx_gptoss.safetensors_io import read_header
+from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import ConversionError, convert
-from mlx_gptoss_convert.synthetic import write_release
 
 pytest.importorskip("mlx_lm")
 from test_parity import BOUND, relative_error  # noqa: E402

@@ -23,7 +23,8 @@ import pytest
 pytest.importorskip("fastapi")
 import uvicorn  # noqa: E402
 
-from mlx_gptoss.chat import Done, Reply, _accumulate  # noqa: E402
+from mlx_gptoss.chat import Done, Reply  # noqa: E402
+from mlx_gptoss.chat.reply import accumulate as _accumulate  # noqa: E402
 from mlx_gptoss.harmony import (  # noqa: E402
     FinalDelta,
     ReasoningDelta,
@@ -33,6 +34,7 @@ from mlx_gptoss.harmony import (  # noqa: E402
     ToolCallStarted,  # fmt: skip
 )
 from mlx_gptoss.server.app import create_app  # noqa: E402
+from mlx_gptoss.testing import rig  # noqa: E402
 
 MODEL = "tiny-gptoss"
 
@@ -398,19 +400,6 @@ def test_serve_command_refuses_an_open_host_without_a_key():
 
 TOOL_REPLY = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>'
 FINAL_REPLY = "<|channel|>final<|message|>It is 21 C in Paris.<|return|>"
-
-
-def rig(model, reply: str, loop: bool = False) -> None:
-    """Greedy decoding now writes ``reply`` after ``<|start|>assistant`` (forever, when ``loop``:
-    its last token is followed by itself)."""
-    from rig import rig_bigram, successors
-
-    enc = model.tokenizer.encoding
-    toks = enc.encode("<|start|>assistant", allowed_special="all")[-1:] + enc.encode(reply, allowed_special="all")
-    nxt = successors(toks)
-    if loop:
-        nxt[toks[-1]] = toks[-1]
-    rig_bigram(model, nxt)
 
 
 @pytest.fixture(scope="module")

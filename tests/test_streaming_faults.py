@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY
 
 import mlx_gptoss
-from mlx_gptoss import memory
+from mlx_gptoss import loader
 from mlx_gptoss.config import GptOssConfig
 from mlx_gptoss.generate import prefill, stream_tokens
 from mlx_gptoss.loader import LoadError
@@ -60,14 +60,14 @@ def test_a_replaced_folder_does_not_reach_a_loaded_model(tiny_model_dir, tmp_pat
 
 def test_a_folder_replaced_while_loading_is_an_error(tiny_model_dir, tmp_path, monkeypatch):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "m")
-    read = memory.read_tensors
+    read = loader.read_tensors
 
     def read_then_replace(path):  # the planner has read the old headers; the files change now
         out = read(path)
         _replace_with_other_weights(folder)
         return out
 
-    monkeypatch.setattr(memory, "read_tensors", read_then_replace)
+    monkeypatch.setattr(loader, "read_tensors", read_then_replace)  # where the loader reads the headers it plans from
     with pytest.raises(LoadError, match=r"model-00001-of-00001\.safetensors changed while the model was loading"):
         _budgeted(folder)
 

@@ -13,12 +13,13 @@
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 
-from . import gpu, ops, selfcheck
+from . import backends, gpu, ops, selfcheck
 from . import source as _source
+from .backends import backend as backend
+from .backends import mode as mode
+from .backends import set_mode as set_mode
 
 # Up to this many tokens the decode kernels run (they read each selected expert's rows once
 # per (token, expert) pair); beyond, sorted gather_qmm reads each expert once. Measured with
@@ -27,36 +28,6 @@ from . import source as _source
 # in T between those points they cross near T = 60; 32 keeps a margin.
 DECODE_MAX_TOKENS = 32
 
-_MODES = ("auto", "twin")
-_mode = os.environ.get("MLX_GPTOSS_KERNELS", "auto")
-if _mode not in _MODES:
-    raise ValueError(f"MLX_GPTOSS_KERNELS must be one of {_MODES}, got {_mode!r}")
-
-
-def set_mode(mode: str) -> None:
-    """ "auto": custom kernels where the backend has them; "twin": the pure-MLX twins everywhere."""
-    global _mode
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    _mode = mode
-
-
-def mode() -> str:
-    """The current mode: "auto" or "twin" (see :func:`set_mode`)."""
-    return _mode
-
-
-def backend() -> str:
-    """ "metal", "cuda" or "twin": what the MoE ops run on, for the default device."""
-    if _mode == "twin" or mx.default_device() != mx.gpu:
-        return "twin"
-    if mx.metal.is_available():
-        return "metal"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        return "cuda"
-    return "twin"
-
 
 def _on_cpu() -> bool:
     return mx.default_device() == mx.cpu
@@ -64,7 +35,7 @@ def _on_cpu() -> bool:
 
 def route_topk_softmax(logits: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """Router logits [N, E] -> (expert ids [N, K] uint32, softmax weights over the top k [N, K])."""
-    b = backend()
+    b = backends.backend()  # looked up here, so a test (or a tool) can stand in for the backend in one place
     if b == "twin" or _source.ROUTE in selfcheck.failed(b):
         return ops.route_topk_softmax(logits, k)
     return gpu.route_topk_softmax(logits, k, dialect=b)
@@ -78,7 +49,7 @@ FUSED_ROUTER = False
 def route_matvec_topk(x: mx.array, w: mx.array, b: mx.array, k: int) -> tuple[mx.array, mx.array]:
     """x [N, H], an unquantized router's weight [E, H] and bias [E] -> (ids [N, K] uint32, weights
     [N, K]); the logits in float32. See :data:`FUSED_ROUTER`."""
-    be = backend()
+    be = backends.backend()
     if be == "twin" or not FUSED_ROUTER or _source.ROUTE_MATVEC in selfcheck.failed(be):
         return ops.route_matvec_topk(x, w, b, k)
     return gpu.route_matvec_topk(x, w, b, k, dialect=be)
@@ -117,7 +88,7 @@ def moe_mxfp4_swiglu(
     SwiGLU, then down likewise. The custom GPU kernels fuse the SwiGLU into the gate_up matmul, so
     they cannot take the update; ``gather_qmm`` is the GPU's prefill path already.
     """
-    b = backend()
+    b = backends.backend()
     if b != "twin" and x.shape[0] <= DECODE_MAX_TOKENS and delta is None and not _EXPERT_KERNELS & selfcheck.failed(b):
         gw, gs, gb, dw, ds, db = args
         act = gpu.mxfp4_gate_up_swiglu(x, indices, gw, gs, gb, limit=limit, alpha=alpha, dialect=b)

@@ -4,7 +4,7 @@ On first use in a process, each kernel of :mod:`.gpu` runs once on small inputs 
 MLX passes the routing as ``constant`` pointers, and three, where it passes ``device`` ones) and is
 compared with its twin of :mod:`.ops`. A kernel that fails to compile, raises or disagrees is
 replaced by the twins, with one warning naming it. The verdict is cached per MLX version, device
-and kernel source in ``<cache root>/kernel-selfcheck.json`` (see :func:`mlx_gptoss.loader.cache_root`),
+and kernel source in ``<cache root>/kernel-selfcheck.json`` (see :func:`mlx_gptoss.paths.cache_root`),
 so later processes skip the check. ``mlx-gptoss doctor --kernels`` runs it afresh (:func:`report`).
 """
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import gpu, ops
+from ..paths import cache_root
+from . import backends, gpu, ops
 from . import source as S
 
 # float32 twins against kernels fed the same bf16 values: a correct kernel differs by summation
@@ -143,8 +144,6 @@ _failed: dict[str, frozenset[str]] = {}  # per process: dialect -> kernels that 
 
 
 def _cache_file() -> Path:
-    from ..loader import cache_root
-
     return cache_root() / CACHE_NAME
 
 
@@ -243,13 +242,11 @@ def benchmark(dialect: str, tokens: tuple[int, ...] = (1, 4), E: int = 8, H: int
 
 def report(bench: bool = True) -> str:
     """What ``mlx-gptoss doctor --kernels`` prints: versions, the checks, a short benchmark."""
-    from . import backend, mode
-
-    b = backend()
+    b = backends.backend()
     lines = [f"mlx {mx.__version__}, python {platform.python_version()}, {platform.platform()}",
-             f"default device: {mx.default_device()} ({device_name()}); kernel mode {mode()!r}; MoE ops run on: {b}"]  # fmt: skip
+             f"default device: {mx.default_device()} ({device_name()}); kernel mode {backends.mode()!r}; MoE ops run on: {b}"]  # fmt: skip
     if b == "twin":
-        if mode() == "twin":
+        if backends.mode() == "twin":
             why = "MLX_GPTOSS_KERNELS=twin (or kernels.set_mode('twin')) forces the pure-MLX twins"
         elif mx.default_device() != mx.gpu:
             why = "MLX's default device is the CPU" + (

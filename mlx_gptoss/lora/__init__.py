@@ -1,6 +1,7 @@
 """LoRA fine-tuning for gpt-oss: adapters on attention, router and experts; harmony data; training.
 
-The package uses the core without reaching into it; the core offers one seam for it: an MoE
+The package uses the core without reaching into it (it is a capability: nothing below it imports
+it; the facade :func:`mlx_gptoss.load` applies an adapter with ``adapter=``); the core offers one seam for it: an MoE
 layer's optional ``experts_lora`` child, whose low-rank update the kernels dispatcher applies to
 the routed experts only. Attention and router adapters wrap the existing linear layers.
 
@@ -31,6 +32,9 @@ renders (:class:`mlx_gptoss.chat.ChatSession`)::
     Adapter parameters are float32; the update is scale * B A x with scale alpha/r (alpha/sqrt(r)
     with rslora). Dropout applies in training mode to attention/router adapters only (experts refuse it).
 
+``files.py`` — adapter folders on disk: our format's file names, the checked readers (JSON,
+weights: header, float dtypes, finite values) and the all-or-nothing folder writer.
+
 ``io.py`` — our adapter folder: ``adapters.safetensors`` + ``adapter_config.json`` (format,
 version, the LoRASpec, and the base model's fingerprint; an adapter for another base is refused)::
 
@@ -39,8 +43,13 @@ version, the LoRASpec, and the base model's fingerprint; an adapter for another 
     load_adapter(model, src) -> LoRASpec   # checks everything, applies; errors are LoRAError
     (PEFT and mlx-lm folders are recognised and read too: ``formats.py``.)
 
+``loss.py`` — a micro-batch's loss and its layer-wise backward: ``make_batch(examples) -> Batch``,
+``batch_loss(model, batch)``, ``loss_and_grads(model, batch) -> (loss, grads)`` (one block's graph
+at a time, the loss a chunk of trained positions at a time).
+
 ``train.py`` — the training loop (``TrainConfig``, ``train(model, train_ds, valid_ds, cfg,
-on_progress=None, cancel=None) -> TrainResult``), resumable checkpoints, metrics as JSON lines.
+on_progress=None, cancel=None) -> TrainResult``), resumable checkpoints (``checkpoint.py``),
+metrics as JSON lines.
 
 ``plan.py`` — a budget planned for training before the model loads:
 ``load(path, memory_budget=training_plan(path, spec, TrainConfig(out, ...), "9.5GB"))``.

@@ -36,13 +36,12 @@ import json
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from openai_harmony import Author, Conversation, HarmonyEncoding, Message, RenderConversationConfig, Role
 
 from ..harmony import EFFORTS, developer_message, for_rendering, system_message
 from ..tools import as_tool
-
-if TYPE_CHECKING:
-    from openai_harmony import HarmonyEncoding, Message
 
 DEFAULT_DATE = date(2025, 6, 28)  # a fixed "Current date" for the system message: data must not change by the day
 TRAIN_ON = ("final", "assistant")
@@ -216,7 +215,6 @@ def _conversation(record: dict, where: str, effort: str, today: date) -> list[Me
 
 
 def _harmony(record: dict, where: str, effort: str, today: date) -> list[Message]:
-    from openai_harmony import Conversation, Role
 
     harmony_only = {"channel", "recipient", "content_type"}
     parts = [p for m in record["messages"] if isinstance(m.get("content"), list) for p in m["content"]]
@@ -245,7 +243,6 @@ def _harmony(record: dict, where: str, effort: str, today: date) -> list[Message
 
 
 def _prompt_completion(record: dict, where: str, effort: str, today: date) -> list[Message]:
-    from openai_harmony import Message, Role
 
     for key in ("prompt", "completion"):
         if not isinstance(record.get(key), str):
@@ -266,8 +263,6 @@ def _effort(record: dict, where: str, default: str) -> str:
 
 def _chat(record: dict, where: str, effort: str, today: date) -> list[Message]:
     """The OpenAI-style chat as the harmony messages ChatSession would hold for it."""
-    from openai_harmony import Author, Message, Role
-
     tools = _tools(record, where)
     instructions: list[str] = []
     out: list[Message] = []
@@ -363,7 +358,6 @@ def _reasoning(m: dict, f: str, where: str) -> str:
 
 
 def _tool_calls(m: dict, f: str, where: str) -> list[tuple[str | None, str, Message, str]]:
-    from openai_harmony import Message, Role
 
     calls = m.get("tool_calls") or []
     if not isinstance(calls, list):
@@ -421,8 +415,6 @@ def _answered_call(m: dict, f: str, where: str, group: list, results: dict) -> i
 def _turns(messages: list[Message]) -> list[tuple[int, int]]:
     """``messages[lo:hi]`` spans of the assistant turns, each ending at a final answer or a call.
     A run that ends otherwise (a reply cut off) is context only."""
-    from openai_harmony import Role
-
     turns, lo = [], None
     for i, m in enumerate(messages):
         if m.author.role != Role.ASSISTANT:
@@ -436,7 +428,6 @@ def _turns(messages: list[Message]) -> list[tuple[int, int]]:
 
 
 def _sequences(messages: list[Message], enc: HarmonyEncoding, train_on: str, line: int, where: str) -> list[Example]:
-    from openai_harmony import Conversation, RenderConversationConfig, Role
 
     keep = RenderConversationConfig(auto_drop_analysis=False)  # the turn's own reasoning stays
     end, ret, call = (enc.encode(t, allowed_special="all")[0] for t in ("<|end|>", "<|return|>", "<|call|>"))

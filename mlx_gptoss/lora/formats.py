@@ -40,6 +40,7 @@ from typing import Any
 import mlx.core as mx
 
 from .adapters import ExpertsLoRA, LoRAError, LoRALinear, LoRAPair, LoRASpec, lora_parameters
+from .files import WEIGHTS, read_adapter_config, read_json, read_weights, write_folder
 
 PEFT_WEIGHTS, MLXLM_WEIGHTS, CONFIG = "adapter_model.safetensors", "adapters.safetensors", "adapter_config.json"
 FORMATS = ("mlx-gptoss", "peft", "mlx-lm")
@@ -267,12 +268,10 @@ def export_peft(model_or_adapter: Any, dst: str | Path, *, spec: LoRASpec | None
     ``dst`` is replaced, any other non-empty folder is refused. Returns ``dst``.
     """
     if isinstance(model_or_adapter, (str, Path)):
-        from . import io
-
         src = Path(model_or_adapter)
-        cfg = io.read_adapter_config(src)
+        cfg = read_adapter_config(src)
         spec = LoRASpec.from_dict({k: v for k, v in cfg.items() if k not in ("format", "version", "base_model", "extra")})
-        flat = io._read_weights(src / io.WEIGHTS)
+        flat = read_weights(src / WEIGHTS)
     else:
         flat = lora_parameters(model_or_adapter)
         if not flat:
@@ -316,8 +315,6 @@ def export_peft(model_or_adapter: Any, dst: str | Path, *, spec: LoRASpec | None
         "init_lora_weights": True, "inference_mode": True, "task_type": None, "rank_pattern": {},
         "alpha_pattern": {}, "base_model_name_or_path": base_name,
     }  # fmt: skip
-    from .io import write_folder
-
     return write_folder(Path(dst), PEFT_WEIGHTS, out, {"format": "pt"}, config)  # torch readers expect "pt"
 
 
@@ -373,8 +370,6 @@ def _number(v: Any) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    from .io import read_json
-
     cfg = read_json(path, f"{path.parent} is not an adapter folder")
     if not isinstance(cfg, dict):
         raise LoRAError(f"{path}: expected a JSON object")
@@ -382,11 +377,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_tensors(folder: Path, name: str) -> dict[str, mx.array]:
-    from .io import _read_weights  # the checked reader: header, dtypes, finite values
-
     path = folder / name
     if not path.is_file():
         other = [p.name for p in folder.glob("*.bin")]
         hint = f" ({other[0]} is a pickle; re-save with safe_serialization=True)" if other else ""
         raise LoRAError(f"{path}: not found{hint}")
-    return _read_weights(path)
+    return read_weights(path)

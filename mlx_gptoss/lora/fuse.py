@@ -25,6 +25,17 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from mlx_gptoss.safetensors_io import SafetensorsWriter
+from mlx_gptoss_convert.convert import TOKENIZER_FILES
+from mlx_gptoss_convert.destination import SPACE_MARGIN, check_no_overlap, claimed, destination, staged
+from mlx_gptoss_convert.vocab import TIKTOKEN_FILE
+
+from ..config import read_json
+from ..converted import INDEX, shard_files
+from ..loader import load
+from ..models import resolve_model
+from ..safetensors_io import read_header
+from ..version import __version__
 from .adapters import LoRAFusedLinear, LoRALinear, LoRASpec, remove_lora
 from .io import load_adapter
 
@@ -148,10 +159,6 @@ def fuse(
     Returns a :class:`FuseReport` (also printed to stderr when ``verbose``). Raises
     :class:`FuseError` / :class:`LoRAError` (both ValueErrors) before anything is written.
     """
-    from mlx_gptoss.loader import _shards, load, resolve_model
-    from mlx_gptoss.safetensors_io import read_header
-    from mlx_gptoss_convert.destination import SPACE_MARGIN, check_no_overlap, claimed, destination, staged
-
     if dtype is not None and dtype not in _DTYPES:
         raise FuseError(f"dtype must be one of {', '.join(_DTYPES)} (or None for the base's), got {dtype!r}")
     if isinstance(check_tokens, bool) or not isinstance(check_tokens, int) or check_tokens < 0:
@@ -166,7 +173,7 @@ def fuse(
     if "experts" in spec.targets:
         raise FuseError(_experts_refusal(model, spec, src, adapter_dir, experts_bf16))
     infos = {}
-    for f in _shards(src):
+    for f in shard_files(src):
         infos[f] = sorted(read_header(f)[0].values(), key=lambda i: i.begin)
     modules = _merged_modules(model)
     merged_names = {n for names in modules.values() for n in names[1]}
@@ -256,8 +263,6 @@ def _as_numpy(a: mx.array, st_dtype: str) -> np.ndarray:
 
 def _write_shards(tmp: Path, infos: dict, modules: dict, dtype: str | None, report: FuseReport) -> None:
     """Each source shard again under its name, merged tensors replaced, every other one copied as is."""
-    from mlx_gptoss.safetensors_io import SafetensorsWriter
-
     st = {i.name: i.dtype for v in infos.values() for i in v}
     out_dtype = dict(st)
     for m, names in modules.values():
@@ -284,12 +289,6 @@ def _write_shards(tmp: Path, infos: dict, modules: dict, dtype: str | None, repo
 
 def _write_metadata(src: Path, tmp: Path, adapter_dir: Path, spec: LoRASpec, infos: dict) -> None:
     """config.json (the source's, the adapter named in its source), the index, the tokenizer files."""
-    from mlx_gptoss import __version__
-    from mlx_gptoss.config import read_json
-    from mlx_gptoss.loader import INDEX
-    from mlx_gptoss_convert.convert import TOKENIZER_FILES
-    from mlx_gptoss_convert.vocab import TIKTOKEN_FILE
-
     config = read_json(src / "config.json")
     block = config["mlx_gptoss"]
     block["source"] = f"{block.get('source', src)} + LoRA {adapter_dir} ({', '.join(spec.targets)}, fused)"
@@ -321,8 +320,6 @@ def _kl(ref: mx.array, got: mx.array) -> mx.array:
 
 def _kl_check(fused_dir: Path, ids: mx.array, ref: mx.array, report: FuseReport) -> None:
     """KL(unfused ‖ fused) of the next-token distributions on ``ids``, float32."""
-    from mlx_gptoss.loader import load
-
     kl = _kl(ref, _log_softmax(load(fused_dir, dtype=mx.float32)(ids)))
     report.kl_mean, report.kl_max = mx.mean(kl).item(), mx.max(kl).item()
 

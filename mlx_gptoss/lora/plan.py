@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..loader import resolve_config
-from ..memory import MemoryPlan, plan_training, read_tensors
+from ..converted import read_tensors
+from ..memory import MemoryPlan, plan_training
+from ..models import resolve_config
 
 
 def training_plan(path_or_repo: str | Path, spec, cfg, memory_budget: str | int | None) -> MemoryPlan:  # noqa: ANN001

@@ -11,7 +11,7 @@ INSTALL_HINT = "--plot needs matplotlib: pip install matplotlib"
 def require_matplotlib() -> None:
     """Raise ``ValueError`` with the install command when matplotlib is missing (checked before training)."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401 - the optional `plot` extra: looked for only when a plot is asked for
     except ImportError:
         raise ValueError(INSTALL_HINT) from None
 
@@ -19,7 +19,7 @@ def require_matplotlib() -> None:
 def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
     """Draw training loss (per step) and validation loss (per evaluation) from ``metrics`` into ``png``."""
     require_matplotlib()
-    import matplotlib
+    import matplotlib  # the optional `plot` extra (checked just above)
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt

@@ -30,9 +30,8 @@ __all__ = ["create_app", "serve"]
 
 
 def __getattr__(name: str):
-    # the HTTP stack (FastAPI, the `server` extra) is imported only when an app asks for it
     if name in __all__:
-        from . import app
+        from . import app  # the HTTP stack (FastAPI, ~1 s to import) only when asked for: the engine does not need it
 
         return getattr(app, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

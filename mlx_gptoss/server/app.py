@@ -1,7 +1,7 @@
 """The HTTP side of the server: FastAPI routes for the Responses API and Chat Completions.
 
     app = create_app(engine, model_id="gpt-oss-20b")     # an ASGI app for any ASGI server
-    serve("path/to/model", port=8000)                    # load, start the engine, run uvicorn
+    serve(model, model_id="gpt-oss-20b", port=8000)      # a loaded model: start the engine, run uvicorn
 
 Safe by default: loopback only unless an API key is set, no CORS unless an origin is named,
 bodies and replies bounded, every error an OpenAI error object (never a traceback or a path).
@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .engine import Engine
 from .schemas import APIError, ChatRequest, InputItem, ResponsesRequest
 from .translate import (
     ChatBuilder,
@@ -287,8 +289,6 @@ def create_app(engine, *, model_id: str, api_key: str | None = None, cors_origin
 
     app.add_middleware(_Guard, api_key=api_key, max_body=max_body_bytes)
     if cors_origin:  # outermost, so that browsers' preflight requests are answered before the key check
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=[cors_origin], allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])  # fmt: skip
     return app
@@ -376,23 +376,20 @@ def model_name(model: str) -> str:
     return path.name if path.exists() else model
 
 
-def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, adapter: str | None = None,
-          memory_budget: str | int | None = None, context: int = 8192, max_queue: int = 16, cors_origin: str | None = None,
-          max_tokens: int | None = None, log_level: str = "info") -> None:  # fmt: skip
-    """Load ``model`` and serve it over HTTP until interrupted (see :func:`create_app`).
+def serve(model: Any, *, model_id: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_queue: int = 16, cors_origin: str | None = None, max_tokens: int | None = None,
+          log_level: str = "info") -> None:  # fmt: skip
+    """Serve a loaded ``model`` (``mlx_gptoss.load``: memory budget and adapter are chosen there) over
+    HTTP as ``model_id`` until interrupted (see :func:`create_app`).
 
-    Raises ValueError for a non-loopback ``host`` without ``api_key``, or a model that cannot load."""
-    import uvicorn
-
-    from ..loader import load
-    from .engine import Engine
+    Raises ValueError for a non-loopback ``host`` without ``api_key``."""
+    import uvicorn  # the ASGI server is needed only to run the app, not to build or test it
 
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--host {host} is reachable from other machines: set --api-key too (or serve on 127.0.0.1)")
-    lm = load(model, memory_budget=memory_budget, context=context, verbose=memory_budget is not None, adapter=adapter)
-    engine = Engine(lm, max_queue=max_queue)
+    engine = Engine(model, max_queue=max_queue)
     try:
-        app = create_app(engine, model_id=model_name(model), api_key=api_key, cors_origin=cors_origin, max_tokens=max_tokens)
+        app = create_app(engine, model_id=model_id, api_key=api_key, cors_origin=cors_origin, max_tokens=max_tokens)
         uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     finally:
         engine.close()

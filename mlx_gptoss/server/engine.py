@@ -24,6 +24,7 @@ from typing import Any
 from ..chat import ChatSession, Done, Reply
 from ..harmony import Event
 from ..kvreuse import DEFAULT_CACHE_BYTES, KVState, PromptCache
+from ..memory import kv_cache_bytes
 
 DEFAULT_MAX_QUEUE = 16
 
@@ -33,7 +34,6 @@ def default_cache_bytes(model) -> int:
     plan = getattr(model, "memory_plan", None)
     if plan is None:
         return DEFAULT_CACHE_BYTES
-    from ..memory import kv_cache_bytes
 
     return kv_cache_bytes(model.config, plan.context)
 

@@ -19,6 +19,8 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from openai_harmony import Author, Message, Role
+
 from ..harmony import (
     CommentaryDelta,
     FinalDelta,
@@ -63,7 +65,6 @@ def conversation(effort: str | None, instructions: list[str], tools: list[dict],
 
 
 def _assistant(text: str, channel: str):
-    from openai_harmony import Message, Role
 
     return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
 
@@ -73,7 +74,6 @@ def _call(name: str, arguments: str):
 
 
 def _result(name: str, output: str):
-    from openai_harmony import Author, Message, Role
 
     msg = Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), output)
     return msg.with_recipient("assistant").with_channel("commentary")
@@ -81,8 +81,6 @@ def _result(name: str, output: str):
 
 def chat_to_harmony(req: ChatRequest) -> list:
     """A Chat Completions request as a harmony conversation."""
-    from openai_harmony import Message, Role
-
     instructions, turns, names = [], [], {}
     for i, m in enumerate(req.messages):
         where = f"messages[{i}]"
@@ -118,8 +116,6 @@ def responses_items(req: ResponsesRequest) -> list[InputItem]:
 
 def responses_to_harmony(req: ResponsesRequest, items: list[InputItem]) -> list:
     """A Responses request (its ``items``: the stored conversation, then ``input``) as harmony."""
-    from openai_harmony import Message, Role
-
     instructions, turns, names = [req.instructions or ""], [], {}
     for i, item in enumerate(items):
         if item.type == "message":

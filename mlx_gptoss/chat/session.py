@@ -1,87 +1,26 @@
-"""Chat sessions for apps: harmony conversations with tools, streaming, cancellation, KV reuse.
-
-    chat = model.chat(instructions="Be brief.", reasoning_effort="low", tools=[get_weather])
-    reply = chat.send("Weather in Paris?")          # .final, .reasoning, .tool_calls, .stats
-    for event in chat.stream("And in Rome?"): ...   # typed events as tokens arrive
-
-Each turn prefills only what is new: the cache is cut back to the longest common token prefix
-of what it holds and the new rendering (harmony drops earlier turns' reasoning when it
-re-renders, so the reply of the previous turn is usually recomputed, never reused wrongly).
-Sliding-window layers cannot be cut back by themselves; the session keeps small snapshots of
-them at message boundaries and restores the nearest one (:mod:`mlx_gptoss.kvreuse`, which the
-server's prompt cache shares).
-
-A turn that fails changes nothing (options, text and the fitted prompt are checked before the
-conversation changes; anything raised later, KeyboardInterrupt included, is rolled back). When
-the conversation outgrows the context, the session's ``context_policy`` hides its oldest turns
-from the model (they stay in ``messages``) or raises :class:`PromptTooLongError`.
-"""
+"""The chat session: a harmony conversation an app holds with one model (see :mod:`mlx_gptoss.chat`)."""
 
 from __future__ import annotations
 
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 import mlx.core as mx
+from openai_harmony import Author, Conversation, Message, Role
 
-from .generate import GenerationResult, PromptTooLongError, make_sampler, stream_tokens
-from .harmony import (
-    CommentaryDelta,
-    Event,
-    FinalDelta,
-    HarmonyStream,
-    ReasoningDelta,
-    ToolCall,
-    ToolCallCompleted,
-    developer_message,  # fmt: skip
-    for_rendering,
-    render_for_completion,
-    system_message,
-)
-from .kvreuse import KVState
-from .tokenizer import TokenizerError
-from .tools import Tool, as_tool
+from ..generate import PromptTooLongError, make_sampler
+from ..harmony import Event, ToolCall, developer_message, for_rendering, render_for_completion, system_message
+from ..kvreuse import KVState
+from ..tokenizer import TokenizerError
+from ..tools import Tool, as_tool
+from .context import CONTEXT_POLICIES, context_size, fit, is_instruction, turn_starts, visible
+from .reply import CallIds, Done, Reply, generate_reply, last_reply
 
 DEFAULT_MAX_TOKENS = 2048
-# "rolling" (the default) drops turns in bulk, so the KV cache is reused between drops; "drop_oldest"
-# keeps the most history but, once the context is full, recomputes the whole prompt every turn
-CONTEXT_POLICIES = ("rolling", "drop_oldest", "error")
 _OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "sampler", "prefill_step")
-
-
-def context_size(model) -> int:
-    """The most tokens (prompt + reply) one turn may use: the model's context, or the context its
-    memory plan reserved the KV cache for."""
-    plan = getattr(model, "memory_plan", None)
-    n = model.config.max_position_embeddings
-    return min(n, plan.context) if plan is not None else n
-
-
-@dataclass
-class Reply:
-    """One assistant turn: the answer, the reasoning, tool calls, why it ended, and statistics."""
-
-    final: str = ""
-    reasoning: str = ""
-    commentary: str = ""  # preambles addressed to the user before tool calls
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    finish_reason: str = "length"  # "stop", "tool_calls", "length", "cancelled", "max_steps" (run())
-    problems: list[str] = field(default_factory=list)  # malformed model output, as found
-    dropped_turns: int = 0  # oldest turns this turn hid from the model to fit the context
-    stats: GenerationResult = field(default_factory=GenerationResult)
-    # the assistant's openai-harmony Messages this turn added to the conversation
-    messages: list = field(default_factory=list, repr=False)
-
-
-@dataclass(frozen=True)
-class Done:
-    """The last event of a stream: the complete reply."""
-
-    reply: Reply
 
 
 class ChatSession:
@@ -181,12 +120,10 @@ class ChatSession:
     @property
     def context_messages(self) -> list[dict]:
         """The messages the model sees now: :attr:`messages` less the turns the context policy hid."""
-        return [m.to_dict() for m in _visible(self._messages, self._hidden)]
+        return [m.to_dict() for m in visible(self._messages, self._hidden)]
 
     def to_json(self) -> str:
         """openai-harmony's conversation JSON; :meth:`from_json` restores the session."""
-        from openai_harmony import Conversation
-
         return Conversation.from_messages(self._messages).to_json()
 
     @classmethod
@@ -195,8 +132,6 @@ class ChatSession:
         travel in the conversation; pass ``tools`` again to make Python tools callable.
 
         Raises ValueError when the payload is not a conversation the model can be given."""
-        from openai_harmony import Conversation
-
         try:
             messages = Conversation.from_json(payload).messages
         except (ValueError, KeyError, TypeError) as e:
@@ -217,7 +152,7 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation, keep the system and developer messages (and settings)."""
-        self._messages = [m for m in self._messages if _is_instruction(m)]
+        self._messages = [m for m in self._messages if is_instruction(m)]
         self._hidden = 0
         self._kv.reset()
 
@@ -252,25 +187,21 @@ class ChatSession:
         that end the answer), sampler (logits [1, V] -> token [1]), prefill_step (prompt chunk
         size). Bad options or text raise before the conversation changes.
         """
-        return _last(self.stream(text, **options))
+        return last_reply(self.stream(text, **options))
 
     def stream(self, text: str, **options: Any) -> Iterator[Event | Done]:
         """Like :meth:`send`, yielding events as tokens arrive; the last event is :class:`Done`.
 
         Options and text are checked here; closing the stream before ``Done`` undoes the turn
         (to stop early and keep the partial answer, call :meth:`cancel`)."""
-        from openai_harmony import Message, Role
-
         opts = self._options(options)
         return self._turn(Message.from_role_and_content(Role.USER, _checked_text(text, "the message")), opts)
 
     def send_tool_result(self, call: ToolCall | str, result: Any, **options: Any) -> Reply:
         """Give the model the result of a tool call and continue the turn."""
-        return _last(self.stream_tool_result(call, result, **options))
+        return last_reply(self.stream_tool_result(call, result, **options))
 
     def stream_tool_result(self, call: ToolCall | str, result: Any, **options: Any) -> Iterator[Event | Done]:
-        from openai_harmony import Author, Message, Role
-
         opts = self._options(options)
         recipient = call.recipient if isinstance(call, ToolCall) else (call if "." in call else f"functions.{call}")
         content = result if isinstance(result, str) else json.dumps(result, default=str)
@@ -370,44 +301,9 @@ class ChatSession:
             raise ValueError(f"the conversation cannot be rendered in the harmony format: {e}") from None
 
     def _fit(self, messages: list, hidden: int, max_tokens: int) -> tuple[list[int], int]:
-        """The prompt for ``messages`` with ``max_tokens`` of room left in the context, hiding
-        oldest turns as the policy says; returns the prompt and how many messages are hidden."""
-        room = self.context_size - max_tokens
-        ids = self._render(_visible(messages, hidden))
-        if len(ids) <= room:
-            return ids, hidden
-        cuts = _turn_starts(messages, hidden)  # each one hides one more whole turn
-        if self.context_policy == "error" or not cuts:
-            what = (
-                "shorten the message, lower max_tokens, or reset the conversation"
-                if cuts
-                else "shorten the message or lower max_tokens"
-            )
-            raise PromptTooLongError(
-                f"the conversation makes a prompt of {len(ids)} tokens; with max_tokens={max_tokens} for the reply "
-                f"that exceeds {self._context_text()} "
-                f"({'context_policy=error' if cuts else 'no earlier turn to drop'}: {what})"
-            )
-        prompts: dict[int, list[int]] = {}
-
-        def size(i: int) -> int:
-            if i not in prompts:
-                prompts[i] = self._render(_visible(messages, cuts[i]))
-            return len(prompts[i])
-
-        targets = [room // 2, room] if self.context_policy == "rolling" else [room]
-        for target in targets:
-            lo, hi = 0, len(cuts)  # prompts shrink as more turns are hidden: the first cut that fits
-            while lo < hi:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if size(mid) <= target else (mid + 1, hi)
-            if lo < len(cuts):
-                return prompts[lo], cuts[lo]
-        raise PromptTooLongError(
-            f"even with every earlier turn dropped the prompt has {size(len(cuts) - 1)} tokens; with "
-            f"max_tokens={max_tokens} for the reply that exceeds {self._context_text()} "
-            f"(shorten the message or lower max_tokens)"
-        )
+        """The prompt for ``messages`` and how many messages the context policy hides (see :func:`.context.fit`)."""
+        return fit(self._render, messages, hidden, max_tokens, context_size=self.context_size, policy=self.context_policy,
+                   context_text=self._context_text())  # fmt: skip
 
     def _execute(self, call: ToolCall) -> Any:
         tool = self.tools.get(call.name)
@@ -421,8 +317,6 @@ class ChatSession:
             return {"error": f"{type(e).__name__}: {e}"}
 
     def _system_index(self) -> int | None:
-        from openai_harmony import Role
-
         return next((i for i, m in enumerate(self._messages) if m.author.role == Role.SYSTEM), None)
 
     @property
@@ -435,7 +329,7 @@ class ChatSession:
         if not self._lock.acquire(blocking=False):
             raise RuntimeError("this chat session is already generating")
         kv = self._kv if kv is None else kv
-        stop = self._cancel if cancel is None else _Either(self._cancel, cancel)
+        stop = self._cancel if cancel is None else Either(self._cancel, cancel)
         saved = (self._messages, self._hidden, self._n_calls, self.last_prompt_ids)
         done = False
         try:
@@ -443,13 +337,13 @@ class ChatSession:
             messages = [*(self._messages if history is None else history), message]
             was_hidden = self._hidden if history is None else 0
             ids, hidden = self._fit(messages, was_hidden, opts["max_tokens"])
-            dropped = sum(1 for c in _turn_starts(messages, was_hidden) if c <= hidden)
+            dropped = sum(1 for c in turn_starts(messages, was_hidden) if c <= hidden)
             # nothing has changed so far; from here on a failure restores `saved`
             self._messages, self._hidden = messages, hidden
             self.last_prompt_ids = list(ids)  # what this turn was generated from
             if not self.reuse_kv:
                 kv.reset()
-            call_ids = _CallIds(self._n_calls)
+            call_ids = CallIds(self._n_calls)
             for ev in generate_reply(self.model, kv, ids, opts, call_ids=call_ids, cancel=stop):
                 if isinstance(ev, Done):
                     ev.reply.dropped_turns = dropped
@@ -465,76 +359,7 @@ class ChatSession:
             self._lock.release()
 
 
-def generate_reply(model, kv: KVState, ids: list[int], opts: dict, *, call_ids: Any = None,
-                   cancel: Any = None) -> Iterator[Event | Done]:  # fmt: skip
-    """Generate the assistant's reply to the rendered prompt ``ids``, continuing ``kv``: events
-    as tokens arrive, then :class:`Done`. ``opts`` are checked turn options (``sampler``,
-    ``max_tokens``, ``stop``, ``seed``, ``prefill_step``); ``call_ids`` hands out tool-call ids.
-
-    However it ends, ``kv`` holds what was computed (nothing lazy), ready for the next prompt.
-    """
-    generated: list[int] = []
-    tokens = None
-    settled = False
-    try:
-        cached = kv.reuse(ids)  # a failure inside leaves kv empty, never half cut
-        parser = HarmonyStream(model.tokenizer.encoding, call_ids=call_ids)
-        stop_text = _StopText(opts["stop"])
-        reply = Reply()
-        tokens = stream_tokens(
-            model, ids, max_tokens=opts["max_tokens"], seed=opts.get("seed"), sampler=opts["sampler"],
-            stop_tokens=model.tokenizer.stop_tokens, cache=kv.cache, cached=cached,
-            cancel=cancel, on_fed=kv.fed, on_prefilled=kv.snapshot, stats=reply.stats,
-            prefill_step=opts.get("prefill_step"),
-        )  # fmt: skip
-        for tok in tokens:
-            generated.append(tok)
-            for ev in parser.add(tok):
-                if isinstance(ev, FinalDelta):
-                    ev = stop_text.feed(ev.text)
-                if ev is not None:
-                    _accumulate(reply, ev)
-                    yield ev
-            if stop_text.hit:
-                break
-        for ev in [stop_text.flush(), *parser.finish()]:
-            if ev is not None:
-                _accumulate(reply, ev)
-                yield ev
-        if stop_text.hit:
-            reply.stats.finish_reason = "stop"
-        elif reply.stats.finish_reason == "stop" and generated[-1] == parser.special["<|call|>"]:
-            reply.stats.finish_reason = "tool_calls"
-        reply.finish_reason = reply.stats.finish_reason
-        reply.problems = list(parser.problems)
-        reply.messages = _assistant_messages(parser.messages, stop_text)
-        settled = True
-        kv.settle(ids + generated)
-        yield Done(reply)
-    except BaseException:
-        if not settled:
-            kv.settle(ids + generated)  # what the caches hold is still valid (or dropped if it is not)
-        raise
-    finally:
-        if tokens is not None:
-            tokens.close()  # an abandoned generation lets go of the model now, not at garbage collection
-
-
-class _CallIds:
-    """Fresh tool-call ids ("call_1", ...), counted so that a failed turn can give them back."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __iter__(self) -> _CallIds:
-        return self
-
-    def __next__(self) -> str:
-        self.n += 1
-        return f"call_{self.n}"
-
-
-class _Either:
+class Either:
     """Set when any of its events is set (the session's cancel, or one request's)."""
 
     def __init__(self, *events: Any):
@@ -545,43 +370,12 @@ class _Either:
 
 
 def _checked_conversation(messages: Sequence[Any]) -> list:
-    from openai_harmony import Message
-
     messages = list(messages) if isinstance(messages, (list, tuple)) else messages
     if not isinstance(messages, list) or not messages or not all(isinstance(m, Message) for m in messages):
         raise TypeError("messages must be a non-empty list of openai-harmony Messages")
-    if _is_instruction(messages[-1]):
+    if is_instruction(messages[-1]):
         raise ValueError("the conversation must end with a user, tool or assistant message, not with instructions")
     return messages
-
-
-def _is_instruction(message) -> bool:
-    from openai_harmony import Role
-
-    return message.author.role in (Role.SYSTEM, Role.DEVELOPER)
-
-
-def _visible(messages: list, hidden: int) -> list:
-    """``messages`` less the first ``hidden`` conversation messages (instructions always stay)."""
-    out, n = [], 0
-    for m in messages:
-        if _is_instruction(m):
-            out.append(m)
-            continue
-        if n >= hidden:
-            out.append(m)
-        n += 1
-    return out
-
-
-def _turn_starts(messages: list, hidden: int) -> list[int]:
-    """Where each visible turn but the current one ends: the positions (among conversation
-    messages) of the user messages after the first visible one, up to the last user message."""
-    from openai_harmony import Role
-
-    conv = [m for m in messages if not _is_instruction(m)]
-    users = [i for i, m in enumerate(conv) if m.author.role == Role.USER]
-    return [i for i in users if i > hidden]
 
 
 def _checked_text(text: Any, what: str) -> str:
@@ -593,69 +387,3 @@ def _checked_text(text: Any, what: str) -> str:
         raise ValueError(f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at character {e.start} "
                          f"(decode its bytes with errors='replace')") from None  # fmt: skip
     return text
-
-
-class _StopText:
-    """Cuts the answer at the first stop string, holding back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.hit: str | None = None
-
-    def feed(self, text: str) -> FinalDelta | None:
-        if not self.stops:
-            return FinalDelta(text)
-        self.pending += text
-        found = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
-        if found:
-            i, self.hit = min(found)
-            out, self.pending = self.pending[:i], ""
-        else:
-            keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-            out, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
-        return FinalDelta(out) if out else None
-
-    def flush(self) -> FinalDelta | None:
-        out, self.pending = self.pending, ""
-        return FinalDelta(out) if out and not self.hit else None
-
-    def cut(self, text: str) -> str:
-        return text[: text.find(self.hit)] if self.hit and self.hit in text else text
-
-
-def _assistant_messages(parsed: list, stop_text: _StopText) -> list:
-    from openai_harmony import Message, Role
-
-    out = []
-    for m in parsed:
-        text = stop_text.cut(m.text) if m.channel in (None, "final") and not m.recipient else m.text
-        if not text and not m.recipient:
-            continue
-        msg = Message.from_role_and_content(Role.ASSISTANT, text).with_channel(m.channel or "final")
-        if m.recipient:
-            msg = msg.with_recipient(m.recipient)
-        if m.content_type:
-            msg = msg.with_content_type(m.content_type)
-        out.append(msg)
-    return out
-
-
-def _accumulate(reply: Reply, ev: Event) -> None:
-    if isinstance(ev, ReasoningDelta):
-        reply.reasoning += ev.text
-    elif isinstance(ev, FinalDelta):
-        reply.final += ev.text
-    elif isinstance(ev, CommentaryDelta):
-        reply.commentary += ev.text
-    elif isinstance(ev, ToolCallCompleted):
-        reply.tool_calls.append(ev.call)
-
-
-def _last(events: Iterator[Event | Done]) -> Reply:
-    done = None
-    for ev in events:
-        done = ev
-    if not isinstance(done, Done):
-        raise RuntimeError("the reply stream ended without its Done event")
-    return done.reply
