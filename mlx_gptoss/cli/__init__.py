@@ -9,7 +9,7 @@ defined once in :mod:`.common`.
 - :mod:`.generate`: ``generate``, ``chat``
 - :mod:`.serve`: ``serve``
 - :mod:`.doctor`: ``doctor``
-- :mod:`.lora`: ``lora train``, ``lora fuse``
+- :mod:`.lora`: the ``lora`` group, ``lora train``; :mod:`.adapters`: ``lora fuse``
 - :mod:`.testing`: ``testing tiny-model``
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import click
 
+from . import adapters  # noqa: F401 - registers the adapter-file commands on the lora group
 from .doctor import doctor
 from .generate import chat, generate
 from .lora import lora
