@@ -294,13 +294,14 @@ _BLOCKS: dict[str, dict[str, str]] = {
                      "original_max_position_embeddings": "int", "truncate": "bool", "rope_theta": "number"},
     "quantization.*": {"mode": "str", "bits": "int", "group_size": "int"},
     "mlx_gptoss": {"format": "str", "format_version": "int", "converter_version": "str", "source": "str",
-                   "source_layout": "str", "experts": "str"},
+                   "source_layout": "str", "experts": "str", "pruned": "object"},
 }  # fmt: skip
 _KINDS = {
     "int": lambda v: type(v) is int,  # bool is an int subclass: excluded on purpose
     "number": lambda v: type(v) in (int, float) and math.isfinite(v),
     "str": lambda v: isinstance(v, str),
     "bool": lambda v: type(v) is bool,
+    "object": lambda v: isinstance(v, dict),  # a record kept as written (e.g. what pruning removed)
 }
 
 

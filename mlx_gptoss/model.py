@@ -8,6 +8,7 @@ Hq/Hkv query/key-value heads, D head dim.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -18,6 +19,8 @@ from .cache import KVCache, SlidingKVCache, causal_mask, window_mask
 from .config import FULL, SLIDING, GptOssConfig
 from .layers import QuantLinear, embedding, linear
 from .rope import YarnRope
+
+Tap = Callable[[str, Any], Any]  # a block's hook tap: (point, value) -> value (see :mod:`mlx_gptoss.inspect.hooks`)
 
 
 class Attention(nn.Module):
@@ -45,19 +48,21 @@ class Attention(nn.Module):
         qk = self._rope(qkv[:, :nqk], offset)  # one RoPE call for q and k (few ops: decode is launch-bound)
         return qk[:, :nq], qk[:, nq:], qkv[:, nqk:]
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any) -> mx.array:
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, tap: Tap | None = None) -> mx.array:
         """Attention (with sinks) of q over k/v, then the output projection: [B, T, H]."""
         B, _, T, _ = q.shape
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self._scale, mask=mask, sinks=self.sinks)
+        if tap is not None:
+            o = tap("attn.heads", o)  # [B, Hq, T, D]
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
-    def __call__(self, x: mx.array, mask: Any, cache: KVCache | SlidingKVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Any, cache: KVCache | SlidingKVCache | None, tap: Tap | None = None) -> mx.array:
         q, k, v = self.project(x, cache.offset if cache is not None else 0)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         elif self.query_chunk and q.shape[2] > self.query_chunk:
             return self._attend_chunked(q, k, v, mask, self.query_chunk)
-        return self.attend(q, k, v, mask)
+        return self.attend(q, k, v, mask, tap)
 
     def _attend_chunked(self, q: mx.array, k: mx.array, v: mx.array, mask: Any, c: int) -> mx.array:
         """:meth:`attend` of a cache-less pass, ``c`` queries at a time over the keys up to the chunk's end."""
@@ -104,11 +109,16 @@ class MoE(nn.Module):
         # the adapters' seam: a module whose delta() is a kernels.ExpertsDelta for the routed experts
         self.experts_lora: nn.Module | None = None
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None, tap: Tap | None = None) -> mx.array:
         """The routed experts' sum for x [..., H], plus ``residual`` when given (fused on GPUs)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
-        indices, weights = kernels.route_topk_softmax(self.router(x), self.k)
+        logits = self.router(x)
+        if tap is not None:
+            logits = tap("router.logits", logits)
+        indices, weights = kernels.route_topk_softmax(logits, self.k)
+        if tap is not None:
+            indices, weights = tap("router.topk", (indices, weights))
         g, d, lora = self.gate_up, self.down, self.experts_lora
         y = kernels.moe_mxfp4_swiglu(
             x, indices, weights, g.weight, g.scales, g.bias, d.weight, d.scales, d.bias,
@@ -126,9 +136,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = MoE(cfg)
 
-    def __call__(self, x: mx.array, mask: Any, cache: Any) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), mask, cache)
-        return self.mlp(self.post_attention_layernorm(x), residual=x)
+    def __call__(self, x: mx.array, mask: Any, cache: Any, tap: Tap | None = None) -> mx.array:
+        if tap is None:  # the plain pass: no hook anywhere in this block
+            x = x + self.self_attn(self.input_layernorm(x), mask, cache)
+            return self.mlp(self.post_attention_layernorm(x), residual=x)
+        x = tap("input", x)
+        x = tap("resid.mid", x + tap("attn.out", self.self_attn(self.input_layernorm(x), mask, cache, tap)))
+        return tap("resid.post", x + tap("moe.out", self.mlp(self.post_attention_layernorm(x), tap=tap)))
 
 
 class GptOss(nn.Module):
@@ -147,6 +161,9 @@ class GptOss(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = linear(config.hidden_size, config.vocab_size, False, config.quant("lm_head"))
         self.tokenizer: Any = None  # set by the loader
+        # the research hooks' seam (mlx_gptoss.inspect): None runs the plain pass; when set, each
+        # block asks hooks.block(i) for a tap and the model calls hooks.at(name, value) at its points
+        self.hooks: Any = None
         self._decoder: decode.CompiledDecode | None = None
 
     def make_cache(self, reserve: int = 0) -> list[KVCache | SlidingKVCache]:
@@ -165,11 +182,16 @@ class GptOss(nn.Module):
 
     def hidden_states(self, ids: mx.array, cache: list | None = None) -> mx.array:
         """The final-norm hidden states [B, T, H]."""
+        hooks = self.hooks
         x = self.embed_tokens(ids)
+        if hooks is not None:
+            x = hooks.at("embed.out", x)
         masks = self.masks(ids.shape[1], cache)
         for i, layer in enumerate(self.layers):
-            x = layer(x, masks[self.config.layer_types[i]], cache[i] if cache is not None else None)
-        return self.norm(x)
+            tap = None if hooks is None else hooks.block(i)
+            x = layer(x, masks[self.config.layer_types[i]], cache[i] if cache is not None else None, tap)
+        x = self.norm(x)
+        return x if hooks is None else hooks.at("final.norm", x)
 
     def __call__(self, ids: mx.array, cache: list | None = None) -> mx.array:
         if decode.enabled() and cache is not None and ids.shape == (1, 1) and self._plain():
@@ -177,13 +199,14 @@ class GptOss(nn.Module):
                 self._decoder = decode.CompiledDecode(self)
             if self._decoder.supports(ids, cache):
                 return self._decoder(ids, cache)
-        return self.lm_head(self.hidden_states(ids, cache))
+        logits = self.lm_head(self.hidden_states(ids, cache))
+        return logits if self.hooks is None else self.hooks.at("logits", logits)
 
     def _plain(self) -> bool:
         # the compiled step traces MLX ops only: not the streamed experts' or host embedding's Python;
         # and it captures the weights it reads when traced: adapters (added or changed later) stay eager
         plain = (nn.Linear, QuantLinear)
-        return isinstance(self.embed_tokens, nn.Module) and all(
+        return self.hooks is None and isinstance(self.embed_tokens, nn.Module) and all(
             type(layer.mlp) is MoE and layer.mlp.experts_lora is None and isinstance(layer.mlp.router, plain)
             and isinstance(layer.self_attn.qkv, plain) and isinstance(layer.self_attn.o_proj, plain)
             for layer in self.layers

@@ -247,10 +247,10 @@ class StreamedMoE(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None, tap: Any = None) -> mx.array:
         with self._shared.lock:
             try:
-                y = self._forward(x)
+                y = self._forward(x, tap)
             except BaseException:
                 for layer in self._shared.layers:  # no read staged by a failed step reaches the next one
                     layer._drop_staged()
@@ -263,14 +263,18 @@ class StreamedMoE(nn.Module):
             fut.cancel()
         self._staged.clear()
 
-    def _forward(self, x: mx.array) -> mx.array:
+    def _forward(self, x: mx.array, tap: Any = None) -> mx.array:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, H]
         logits = self.router(x)
+        if tap is not None:  # the research hooks' points, as in model.MoE
+            logits = tap("router.logits", logits)
         indices, weights = kernels.route_topk_softmax(logits, self.k)
         if self._shared.route is not None:
             indices = self._shared.route(self._layer, logits).astype(mx.uint32)
             weights = mx.softmax(mx.take_along_axis(logits, indices.astype(mx.int32), axis=-1), axis=-1, precise=True)
+        if tap is not None:
+            indices, weights = tap("router.topk", (indices, weights))
         nxt = self._next_layer()
         guess = None
         if nxt is not None:
