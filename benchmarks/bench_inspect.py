@@ -44,8 +44,7 @@ def driver(model_path: str, variant: str, prompt_tokens: int, gen_tokens: int) -
     import mlx_gptoss
     from mlx_gptoss.generate import stream_tokens
 
-    load = getattr(mlx_gptoss, "load")
-    model = load(model_path)
+    model = mlx_gptoss.load(model_path)
     mx.eval(model.parameters())
     vocab = min(model.config.vocab_size, 199998)
     rng = np.random.default_rng(0)
