@@ -25,6 +25,7 @@ from .lora.io import load_adapter
 from .memory import MemoryPlan
 from .model import GptOss
 from .models import DEFAULT_MODEL, resolve_model
+from .options import check_seed
 
 _CHANNELS = {ReasoningDelta: "analysis", FinalDelta: "final", CommentaryDelta: "commentary"}
 
@@ -61,8 +62,11 @@ def load(
             stored and the expert update is computed for the routed experts only. An adapter
             trained on another base is refused (:class:`~mlx_gptoss.lora.adapters.LoRAError`).
 
-    Returns a :class:`Model` with ``.config``, ``.tokenizer``, ``.path`` and ``.chat()``.
+    Returns a :class:`Model` with ``.config``, ``.tokenizer``, ``.path`` and ``.chat()``. A bad
+    ``dtype``, ``memory_budget`` or ``context`` raises :class:`~mlx_gptoss.options.OptionError`
+    naming it, before a repo id is resolved (downloaded or converted).
     """
+    loader.check_load_options(dtype, memory_budget, context)
     path = resolve_model(path_or_repo)
     model = loader.load(path, dtype=dtype, lazy=True, memory_budget=memory_budget, context=context, prefetch=prefetch,
                         verbose=verbose, cls=Model)  # fmt: skip
@@ -96,7 +100,9 @@ def generate(
         system: instructions for the developer message (harmony).
         reasoning_effort: "low", "medium" or "high" (harmony).
         max_tokens, temp, top_p, top_k, min_p, seed: generation length and sampling (temp 0 =
-            greedy; see :func:`mlx_gptoss.generate.make_sampler`).
+            greedy; see :func:`mlx_gptoss.generate.make_sampler`); seed: 0..2**64-1, None or -1
+            for a random one. A bad value raises :class:`~mlx_gptoss.options.OptionError` (a
+            ValueError) naming it, before anything runs.
         on_text: called with (channel, text) for each new piece of text as it is generated;
             channel is "analysis"/"final"/... with harmony, None in raw mode.
 
@@ -105,6 +111,7 @@ def generate(
     model's harmony output (the text is kept; empty when all was well).
     """
     sampler = make_sampler(temp, top_p, top_k, min_p)  # validated before anything runs
+    seed = check_seed("seed", seed)
     if isinstance(prompt, str) and not raw:
         return _chat_turn(model, prompt, system, reasoning_effort, max_tokens, sampler, seed, prefill_step, on_text)
     tok = model.tokenizer

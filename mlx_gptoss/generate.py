@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import resource
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 
 from .locking import model_lock
+from .options import check_number, check_sampling, check_seed
 
 DEFAULT_PREFILL_STEP = 512
 
@@ -47,31 +47,34 @@ def peak_rss_gb() -> float:
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9  # bytes on macOS, KiB on Linux
 
 
-def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, *,
+                 names: tuple[str, str, str, str] = ("temp", "top_p", "top_k", "min_p")) -> Callable[[mx.array], mx.array]:  # fmt: skip
     """logits [B, V] -> token ids [B]: greedy at temp 0, else sampling at temperature ``temp``
-    from the tokens that pass every filter: the ``top_k`` most likely (0 = all), those at least
-    ``min_p`` times as likely as the most likely one (0 = all), and the nucleus of mass ``top_p``.
+    from the tokens that pass every filter: the ``top_k`` most likely (0, or at least the
+    vocabulary's size = all), those at least ``min_p`` times as likely as the most likely one
+    (0 = all), and the nucleus of mass ``top_p``.
+
+    Raises :class:`~mlx_gptoss.options.OptionError` (a ValueError) naming the option (as ``names``
+    spell them: a chat session says ``temperature``) for NaN, infinities, booleans, non-numbers and
+    values out of range (temp >= 0, top_p in (0, 1], top_k an integer >= 0, min_p in [0, 1)).
     """
-    if temp < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temp must be >= 0 and top_p in (0, 1]; got temp={temp}, top_p={top_p}")
-    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 = no limit); got {top_k!r}")
-    if not 0 <= min_p < 1:
-        raise ValueError(f"min_p must be in [0, 1) (0 = no limit); got {min_p!r}")
+    check_sampling(temp, top_p, top_k, min_p, names=names)
     if temp == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
 
     def sample(logits: mx.array) -> mx.array:
         logits = logits.astype(mx.float32) / temp
-        if top_p == 1.0 and top_k == 0 and min_p == 0.0:
+        # a top_k of the vocabulary's size or more keeps every token (and must not reach MLX: int32)
+        k = top_k if top_k < logits.shape[-1] else 0
+        if top_p == 1.0 and k == 0 and min_p == 0.0:
             return mx.random.categorical(logits, axis=-1)
         order = mx.argsort(-logits, axis=-1)
         sorted_logits = mx.take_along_axis(logits, order, axis=-1)
         probs = mx.softmax(sorted_logits, axis=-1)
         # each filter keeps the most likely token, so something is always left to sample
         keep = (mx.cumsum(probs, axis=-1) - probs) < top_p  # smallest prefix reaching top_p
-        if top_k:
-            keep = keep & (mx.arange(logits.shape[-1]) < top_k)
+        if k:
+            keep = keep & (mx.arange(logits.shape[-1]) < k)
         if min_p:
             keep = keep & (probs >= min_p * probs[:, :1])
         choice = mx.random.categorical(mx.where(keep, sorted_logits, -mx.inf), axis=-1)
@@ -121,6 +124,8 @@ def stream_tokens(
     or is garbage-collected; another thread's generation waits for it.
 
     Args:
+        seed: seeds MLX's random generator first (an integer in 0..2**64-1); None or -1: no
+            seeding (random). Checked with :func:`mlx_gptoss.options.check_seed`.
         cache, cached: continue a cache that already holds ``prompt[:cached]``.
         sampler: logits [1, V] -> token [1]; default from ``temp``/``top_p``/``top_k``/``min_p``.
             An id outside the vocabulary raises ValueError (it is never fed to the model).
@@ -135,6 +140,10 @@ def stream_tokens(
     after a whole chunk, and the cache may hold one generated token more than was yielded
     (the next step is queued before a token is read).
     """
+    seed = check_seed("seed", seed)
+    check_number("max_tokens", max_tokens, integer=True, min=0)
+    if prefill_step is not None:
+        check_number("prefill_step", prefill_step, integer=True, min=1)
     with model_lock(model):
         yield from _stream_locked(model, prompt, max_tokens=max_tokens, seed=seed, stop_tokens=stop_tokens,
                                   prefill_step=prefill_step, cache=cache, cached=cached,
@@ -156,7 +165,8 @@ def _stream_locked(model, prompt, *, max_tokens, seed, stop_tokens, prefill_step
         n_ctx = min(n_ctx, plan.context)
     if len(prompt) + max_tokens > n_ctx:
         limit = (
-            f"the context of {n_ctx} tokens the memory budget was planned for (load with a larger context=)"
+            f"the context of {n_ctx} tokens the memory budget was planned for (load with a larger context: "
+            "context= in Python, --context on the command line)"
             if plan is not None and n_ctx == plan.context
             else f"the model's context of {n_ctx} tokens"
         )

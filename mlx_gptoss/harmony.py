@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any, Literal
@@ -23,7 +23,7 @@ from openai_harmony import (
     ToolDescription,
 )
 
-from .tokenizer import harmony_errors
+from .tokenizer import TextTooCostlyError, check_encode_cost, harmony_errors
 
 Effort = Literal["low", "medium", "high"]
 EFFORTS = ("low", "medium", "high")
@@ -92,11 +92,69 @@ def render_prompt(
 def render_for_completion(encoding: HarmonyEncoding, messages: list[Message]) -> list[int]:
     """Token ids of ``messages``, ending where the assistant's reply begins.
 
-    Raises :class:`~mlx_gptoss.tokenizer.TokenizerError` (a ValueError) when openai-harmony
-    fails on the text (it panics on some pathological input) instead of a BaseException.
+    Raises :class:`~mlx_gptoss.tokenizer.TextTooCostlyError` (a ValueError) before rendering when
+    a string of the messages has too long a run without a break to tokenize in reasonable time
+    (:func:`check_render_cost`), and :class:`~mlx_gptoss.tokenizer.TokenizerError` when
+    openai-harmony fails on the text (a panic) instead of a BaseException.
     """
+    check_render_cost(messages)
     with harmony_errors("render the conversation"):
         return encoding.render_conversation_for_completion(Conversation.from_messages(messages), Role.ASSISTANT)
+
+
+# harmony's templates put a few bytes beside each string of a message ("// " before a description,
+# quotes around an enum value, newlines around instructions): counted on both ends of each string
+TEMPLATE_BYTES = 16
+# harmony indents a tool schema 4 spaces a level and writes a nested default as brackets: within this
+# many levels of Message.to_dict() that stays under tokenizer.MIN_PIECE bytes (ordinary cost)
+MAX_NESTING = 64
+
+
+def message_strings(messages: Iterable[Message]) -> Iterator[tuple[int, str]]:
+    """(message index, string) for every string of the messages' ``to_dict()``: text, instructions,
+    tool names, descriptions and schemas (keys too), recipients... Raises
+    :class:`~mlx_gptoss.tokenizer.TextTooCostlyError` for a message nested deeper than
+    :data:`MAX_NESTING` levels (harmony's indentation would grow with the depth)."""
+    for i, message in enumerate(messages):
+        stack: list[tuple[Any, int]] = [(message.to_dict(), 0)]
+        while stack:
+            o, depth = stack.pop()
+            if isinstance(o, str):
+                yield i, o
+                continue
+            if not isinstance(o, (dict, list, tuple)):
+                continue  # numbers, booleans, None: a few digits or letters at most
+            if depth >= MAX_NESTING:
+                raise TextTooCostlyError(
+                    f"the {_role(message)} message is nested more than {MAX_NESTING} levels deep (a tool schema?): "
+                    "harmony indents every level, which makes the prompt too costly to tokenize; flatten it"
+                )
+            items = [*o.keys(), *o.values()] if isinstance(o, dict) else o
+            stack.extend((x, depth + 1) for x in items)
+
+
+def check_render_cost(messages: Sequence[Message]) -> None:
+    """Refuse ``messages`` whose rendering would take too long to tokenize (see
+    :func:`mlx_gptoss.tokenizer.check_encode_cost`): raises
+    :class:`~mlx_gptoss.tokenizer.TextTooCostlyError` (a ValueError) naming the message by its role.
+    Every string is counted as if harmony's template added :data:`TEMPLATE_BYTES` to its ends."""
+    owners, strings = [], []
+    for i, text in message_strings(messages):
+        owners.append(i)
+        strings.append(text)
+
+    def name(k: int) -> str:
+        message = messages[owners[k]]
+        if message.author.role == Role.ASSISTANT:
+            return "an assistant message (a reply of the model, in the history: reset the conversation or leave that turn out)"
+        role = _role(message)
+        return f"{'the' if role in ('system', 'developer') else 'a'} {role} message"
+
+    check_encode_cost(strings, what="the conversation", name=name, context=TEMPLATE_BYTES)
+
+
+def _role(message: Message) -> str:
+    return str(getattr(message.author.role, "value", message.author.role))
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -194,7 +252,9 @@ class HarmonyStream:
         names = ("<|start|>", "<|end|>", "<|call|>", "<|return|>", "<|message|>")
         self.special = {name: enc.encode(name, allowed_special="all")[0] for name in names}
         self._ends = {self.special[k] for k in ("<|end|>", "<|call|>", "<|return|>")}
+        self._header_starts = {enc.encode(name, allowed_special="all")[0] for name in ("<|channel|>", "<|constrain|>")}
         self._done: list[_Msg] = []
+        self._n_tokens = 0  # tokens fed
         self._n_parsed = 0
         self._call: ToolCall | None = None
         self._recovering = False
@@ -206,6 +266,7 @@ class HarmonyStream:
 
     def add(self, token: int) -> list[Event]:
         """Feed one generated token; returns the events it completes."""
+        self._n_tokens += 1
         if self._recovering:
             return self._recover(token)
         events: list[Event] = []
@@ -233,11 +294,18 @@ class HarmonyStream:
         return events
 
     def finish(self) -> list[Event]:
-        """End of generation: close a message left open (max_tokens, cancel, a stop string)."""
+        """End of generation: close a message left open (max_tokens, cancel, a stop string).
+
+        Text is never dropped silently: what the model wrote where a header belongs becomes the
+        answer (special tokens among it left out); a real header cut off before ``<|message|>``
+        and a reply with no text at all are reported in :attr:`problems`."""
         events: list[Event] = []
         if not self._recovering:
-            if not self._in_content and self._header and not any(map(self.encoding.is_special_token, self._header)):
-                events += self._headerless()  # plain text cut off before any <|end|>
+            if not self._in_content and self._header:
+                if self._header_begun():
+                    self._note("the reply ended inside a message header, before any of its text")
+                else:
+                    events += self._headerless()  # plain text cut off before any <|end|>
             else:
                 partial = self._current_partial()
                 if partial is not None:
@@ -249,6 +317,8 @@ class HarmonyStream:
                 events.append(FinalDelta(tail))
         if self._call is not None:
             events += self._complete_call(self._call, truncated=True)
+        if self._n_tokens and not self.problems and not any(m.text or m.recipient for m in self._done):
+            self._note(f"the model generated {self._n_tokens} tokens and no text")
         return events
 
     @property
@@ -356,6 +426,23 @@ class HarmonyStream:
         self._parser = self._StreamableParser(self.encoding, None, strict=False)
         self._n_parsed = 0
         return events
+
+    def _header_begun(self) -> bool:
+        """The buffered header tokens begin a real header (a channel, a constraint, a recipient),
+        cut off before ``<|message|>``, rather than text written where a header belongs."""
+        header = self._header[1:] if self._after_start else self._header  # after the role
+        if not header:
+            return True
+        specials = self.encoding.is_special_token
+        if specials(header[0]):
+            return header[0] in self._header_starts
+        lead = []
+        for t in header:
+            if specials(t):
+                break
+            lead.append(t)
+        text = bytes(self.encoding._inner.decode_bytes(lead)).decode("utf-8", "replace").lstrip()
+        return text.startswith("to=") or "to=".startswith(text)
 
     def _headerless(self) -> list[Event]:
         """The model wrote text where a header belongs: the text becomes the answer."""

@@ -25,6 +25,7 @@ from .converted import read_tensors, shard_files
 from .layers import HostEmbedding
 from .memory import MLX_CACHE, MemoryPlan, plan_memory
 from .model import GptOss
+from .options import OptionError, check_number
 from .safetensors_io import SafetensorsError, read_header
 from .streaming import stream_experts
 from .tokenizer import Tokenizer
@@ -61,6 +62,29 @@ def load_weights(path: Path, expected: dict[str, mx.array]) -> dict[str, mx.arra
     return weights
 
 
+FLOAT_DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def check_load_options(dtype: Any = None, memory_budget: Any = None, context: Any = 8192) -> Any:
+    """The load options checked before anything is read (the facade checks them before it resolves
+    a repo id): :class:`~mlx_gptoss.options.OptionError` (a ValueError) naming the argument.
+    Returns the dtype as an MLX dtype (a name such as ``"float32"`` is taken too)."""
+    if dtype is None:
+        dtype = mx.bfloat16
+    elif isinstance(dtype, str) and dtype in FLOAT_DTYPES:
+        dtype = FLOAT_DTYPES[dtype]
+    elif not (isinstance(dtype, mx.Dtype) and dtype in FLOAT_DTYPES.values()):
+        raise OptionError(f"dtype must be mx.bfloat16, mx.float16 or mx.float32 (or its name); got {dtype!r}")
+    check_number("context", context, integer=True, min=1)
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (str, int, float, MemoryPlan, type(None))):
+        raise OptionError(
+            f"memory_budget must be a size such as '9.5GB', a number of bytes or a MemoryPlan; got {memory_budget!r}"
+        )
+    if isinstance(memory_budget, (int, float)):
+        check_number("memory_budget", memory_budget, min=0, min_open=True)
+    return dtype
+
+
 def check_folder(path: str | Path) -> Path:
     """``path`` as a folder holding a config.json, or a :class:`LoadError` saying what it is instead."""
     p = Path(path).expanduser()
@@ -86,7 +110,7 @@ def load(
 
     Args:
         dtype: dtype of everything that is not an MXFP4 expert (default ``mx.bfloat16``;
-            ``mx.float32`` for verification).
+            ``mx.float32`` for verification; ``"float32"`` and the other names work too).
         lazy: read weights on first use (default). ``False`` reads them all now. MLX evaluates a
             lazy array only in the thread that built it: to use the model from another thread,
             load it there, or load with ``lazy=False`` (a chat session reads them when created).
@@ -96,7 +120,8 @@ def load(
             rest are read from disk on demand (exact: the same computation). ``model.memory_plan``
             says what lives where, ``model.stream_stats`` how the expert cache does. Raises
             :class:`~mlx_gptoss.memory.BudgetError` when the budget cannot be met.
-        context: the longest conversation (prompt + generated tokens) the budget must allow for.
+        context: the longest conversation (prompt + generated tokens) the budget must allow for
+            (an integer >= 1).
         prefetch: read the experts the next layer will probably need while this one computes.
         verbose: print the memory plan to stderr.
         cls: the model class to build (a subclass of :class:`~mlx_gptoss.model.GptOss`; the
@@ -104,9 +129,10 @@ def load(
 
     Returns the model with ``.config``, ``.tokenizer`` and ``.path``. Nothing is read from disk
     until it is used (unless ``lazy=False``), but the weight files are held open from here on: a
-    folder replaced later (``convert --force``) does not change a loaded model.
+    folder replaced later (``convert --force``) does not change a loaded model. A bad ``dtype``,
+    ``memory_budget`` or ``context`` raises :class:`~mlx_gptoss.options.OptionError` naming it.
     """
-    dtype = mx.bfloat16 if dtype is None else dtype
+    dtype = check_load_options(dtype, memory_budget, context)
     path = check_folder(path)
     config = read_config(path)
     model = cls(config)

@@ -181,7 +181,11 @@ class GptOss(nn.Module):
         return {FULL: causal_mask(T), SLIDING: window_mask(T, n_before, self.config.sliding_window)}
 
     def hidden_states(self, ids: mx.array, cache: list | None = None) -> mx.array:
-        """The final-norm hidden states [B, T, H]."""
+        """The final-norm hidden states [B, T, H]. Token ids outside the vocabulary raise ValueError,
+        except in a one-token step with a cache (the decode loop's, which checks its own ids: a
+        check here would make every step wait for the previous one)."""
+        if cache is None or ids.ndim != 2 or ids.shape[1] != 1:
+            self._check_ids(ids)
         hooks = self.hooks
         x = self.embed_tokens(ids)
         if hooks is not None:
@@ -201,6 +205,16 @@ class GptOss(nn.Module):
                 return self._decoder(ids, cache)
         logits = self.lm_head(self.hidden_states(ids, cache))
         return logits if self.hooks is None else self.hooks.at("logits", logits)
+
+    def _check_ids(self, ids: mx.array) -> None:
+        # the embedding's gather does not check: an id past the table reads garbage or crashes the process
+        V = self.config.vocab_size
+        if not mx.issubdtype(ids.dtype, mx.integer):
+            raise ValueError(f"token ids must be integers; got an array of {ids.dtype}")
+        if ids.size:
+            lo, hi = mx.stack([ids.min(), ids.max()]).tolist()  # one host sync per call
+            if lo < 0 or hi >= V:
+                raise ValueError(f"token ids must be in 0..{V - 1} (the model's vocabulary); got ids in {lo}..{hi}")
 
     def _plain(self) -> bool:
         # the compiled step traces MLX ops only: not the streamed experts' or host embedding's Python;

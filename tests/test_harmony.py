@@ -180,8 +180,14 @@ def test_a_tool_call_missing_its_end_is_still_completed(tok):
     assert call.arguments == {"a": 1} and texts(events, FinalDelta) == "Done." and stream.problems
 
 
-def test_render_turns_a_tokenizer_panic_into_a_tokenizer_error(tok):
-    from mlx_gptoss.tokenizer import TokenizerError
+def test_render_turns_a_tokenizer_panic_into_a_tokenizer_error(tok, monkeypatch):
+    from mlx_gptoss import harmony
+    from mlx_gptoss.tokenizer import TextTooCostlyError, TokenizerError
 
+    # the encode-cost check refuses this text before harmony sees it (tests/test_encode_cost.py) ...
+    with pytest.raises(TextTooCostlyError, match="too costly to tokenize"):
+        render_prompt(tok.encoding, "a" * 1_000_000)
+    # ... and a panic that gets through is still a TokenizerError, not a BaseException
+    monkeypatch.setattr(harmony, "check_render_cost", lambda messages: None)
     with pytest.raises(TokenizerError, match="render the conversation"):
         render_prompt(tok.encoding, "a" * 1_000_000)

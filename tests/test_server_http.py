@@ -262,7 +262,7 @@ def test_arguments_completed_without_deltas_still_reach_the_client():
 def test_bad_requests_get_clear_openai_errors():
     engine = FakeEngine(ANSWER)
     with running(create_app(engine, model_id=MODEL, api_key="sekret", max_tokens=100, max_body_bytes=1 << 20)) as url:
-        h = {"Authorization": "Bearer sekret"}
+        h = {"Authorization": "Bearer sekret", "Content-Type": "application/json"}  # raw bodies below are declared JSON
         chat, resp = f"{url}/v1/chat/completions", f"{url}/v1/responses"
         ok = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
         with httpx.Client(timeout=20) as x:
@@ -555,9 +555,10 @@ def test_hostile_bodies_get_400_not_500():
         deep = (
             b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": ' + b"[" * 5000 + b"]" * 5000 + b"}]}"
         )
-        _error(x.post(chat, content=deep), 400, "nested too deeply")
+        j = {"Content-Type": "application/json"}
+        _error(x.post(chat, content=deep, headers=j), 400, "nested too deeply")
         assert _error(x.post(chat, json={**ok, "seed": 2**80}), 400)["param"] == "seed"  # beyond mx.random.seed's uint64
         assert _error(x.post(chat, json={**ok, "seed": -1}), 400)["param"] == "seed"
-        _error(x.post(chat, content=b'{"model": "x", "messages": "\xff\xfe"}'), 400, "not valid JSON")
+        _error(x.post(chat, content=b'{"model": "x", "messages": "\xff\xfe"}', headers=j), 400, "not valid JSON")
         assert x.post(chat, json={**ok, "seed": 2**64 - 1}).status_code == 200  # and the server still serves
     assert engine.submitted[-1][1]["seed"] == 2**64 - 1

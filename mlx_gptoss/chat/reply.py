@@ -70,7 +70,13 @@ def generate_reply(model, kv: KVState, ids: list[int], opts: dict, *, call_ids: 
                     yield ev
             if stop_text.hit:
                 break
-        for ev in [stop_text.flush(), *parser.finish()]:
+        # what the parser still holds (text without a header, cut off by max_tokens) is answer text
+        # too: cut at the stop strings like the rest, then what StopText held back
+        for ev in [*parser.finish(), None]:
+            if ev is None:
+                ev = stop_text.flush()
+            elif isinstance(ev, FinalDelta):
+                ev = stop_text.feed(ev.text)
             if ev is not None:
                 accumulate(reply, ev)
                 yield ev
@@ -116,6 +122,8 @@ class StopText:
         self.hit: str | None = None
 
     def feed(self, text: str) -> FinalDelta | None:
+        if self.hit:
+            return None  # the answer ended at the stop string: nothing after it goes out
         if not self.stops:
             return FinalDelta(text)
         self.pending += text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import date
 from typing import Any
 
@@ -14,8 +15,9 @@ from openai_harmony import Author, Conversation, Message, Role
 from ..generate import PromptTooLongError, make_sampler
 from ..harmony import Event, ToolCall, developer_message, for_rendering, render_for_completion, system_message
 from ..kvreuse import KVState
+from ..options import check_number, check_seed
 from ..tokenizer import TokenizerError
-from ..tools import Tool, as_tool
+from ..tools import Tool, unique_tools
 from .context import CONTEXT_POLICIES, context_size, fit, is_instruction, turn_starts, visible
 from .reply import CallIds, Done, Reply, generate_reply, last_reply
 
@@ -58,7 +60,8 @@ class ChatSession:
             system: the identity line of harmony's system message (default: harmony's own).
             reasoning_effort: "low", "medium" or "high".
             tools: Python functions (schema from signature and docstring), ``Tool`` objects or
-                JSON schemas ``{"name", "description", "parameters"}``.
+                JSON schemas ``{"name", "description", "parameters"}``; two with one name raise
+                :class:`~mlx_gptoss.tools.DuplicateToolError` (a ValueError).
             max_tokens, temperature, top_p, top_k, min_p: defaults for each turn (overridable
                 per call). ``max_tokens`` defaults to 2048, or half the context when that is less.
             context_policy: what a turn does when the conversation no longer fits the context
@@ -76,17 +79,15 @@ class ChatSession:
         if context_policy not in CONTEXT_POLICIES:
             raise ValueError(f"context_policy must be one of {', '.join(CONTEXT_POLICIES)}; got {context_policy!r}")
         limit = context_size(model)
-        if context is not None and not (isinstance(context, int) and 1 < context <= limit):
-            raise ValueError(f"context must be an integer in 2..{limit} (the model's context); got {context!r}")
+        if context is not None:
+            check_number("context", context, integer=True, min=2, max=limit)  # at most the model's context
         self.model = model
         self.reuse_kv = reuse_kv
         self.context_policy = context_policy
         self.context_size = context or limit
         self.encoding = model.tokenizer.encoding
-        self.tools: dict[str, Tool] = {}
-        for t in tools:
-            tool = as_tool(t)
-            self.tools[tool.name] = tool
+        # one name, one tool: the model could not tell two apart (the last one used to win, silently)
+        self.tools: dict[str, Tool] = {tool.name: tool for tool in unique_tools(tools)}
         if max_tokens is None:
             max_tokens = min(DEFAULT_MAX_TOKENS, self.context_size // 2)
         self.defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}
@@ -136,6 +137,8 @@ class ChatSession:
             messages = Conversation.from_json(payload).messages
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"not a harmony conversation JSON: {e}") from None
+        except RecursionError:  # json.loads on thousands of nested brackets
+            raise ValueError("not a harmony conversation JSON: it is nested too deeply") from None
         session = cls(model, tools=tools, _messages=messages, **defaults)
         try:
             session._render(messages)
@@ -151,10 +154,16 @@ class ChatSession:
         return session
 
     def reset(self) -> None:
-        """Forget the conversation, keep the system and developer messages (and settings)."""
-        self._messages = [m for m in self._messages if is_instruction(m)]
-        self._hidden = 0
-        self._kv.reset()
+        """Forget the conversation, keep the system and developer messages (and settings).
+
+        Raises RuntimeError while a turn is generating (an open :meth:`stream`, or :meth:`send` in
+        another thread): the turn would append its reply to the emptied conversation. Stop it
+        first: :meth:`cancel` and read the stream to its end (the turn is kept), or close the
+        stream (the turn is undone); then reset."""
+        with self._idle("reset the conversation"):
+            self._messages = [m for m in self._messages if is_instruction(m)]
+            self._hidden = 0
+            self._kv.reset()
 
     @property
     def reasoning_effort(self) -> str:
@@ -164,15 +173,19 @@ class ChatSession:
 
     @reasoning_effort.setter
     def reasoning_effort(self, effort: str) -> None:
-        i = self._system_index()
+        """Change the effort of the next turns (RuntimeError while a turn is generating, as :meth:`reset`)."""
         msg = system_message(effort, identity=self._identity, today=self._today)
-        if i is None:
-            self._messages.insert(0, msg)
-        else:
-            old = self._messages[i].content[0]
-            msg.content[0].conversation_start_date = old.conversation_start_date or msg.content[0].conversation_start_date
-            msg.content[0].model_identity = old.model_identity
-            self._messages[i] = msg
+        with self._idle("change the reasoning effort"):
+            i = self._system_index()
+            messages = list(self._messages)  # a copy: a list handed out before is never changed in place
+            if i is None:
+                messages.insert(0, msg)
+            else:
+                old = messages[i].content[0]
+                msg.content[0].conversation_start_date = old.conversation_start_date or msg.content[0].conversation_start_date
+                msg.content[0].model_identity = old.model_identity
+                messages[i] = msg
+            self._messages = messages
 
     # -- turns ------------------------------------------------------------------------------
 
@@ -183,9 +196,10 @@ class ChatSession:
     def send(self, text: str, **options: Any) -> Reply:
         """Add a user message and generate the assistant's reply.
 
-        Options (per call): max_tokens, temperature, top_p, top_k, min_p, seed, stop (strings
-        that end the answer), sampler (logits [1, V] -> token [1]), prefill_step (prompt chunk
-        size). Bad options or text raise before the conversation changes.
+        Options (per call): max_tokens, temperature, top_p, top_k, min_p, seed (0..2**64-1; None
+        or -1: random), stop (strings that end the answer), sampler (logits [1, V] -> token [1]),
+        prefill_step (prompt chunk size). Bad options or text raise before the conversation
+        changes (:class:`~mlx_gptoss.options.OptionError`, a ValueError, naming the option).
         """
         return last_reply(self.stream(text, **options))
 
@@ -241,8 +255,7 @@ class ChatSession:
         ``{"error": ...}``. When the step limit stops the loop, the reply's ``finish_reason`` is
         "max_steps" (its last tool call was not executed) and ``problems`` says so.
         """
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0:
-            raise ValueError(f"max_steps must be an integer >= 0; got {max_steps!r}")
+        check_number("max_steps", max_steps, integer=True, min=0)
         reply = self.send(text, **options)
         for step in range(max_steps + 1):
             if reply.finish_reason != "tool_calls" or not reply.tool_calls:
@@ -258,29 +271,41 @@ class ChatSession:
 
     # -- internals ----------------------------------------------------------------------------
 
+    @contextmanager
+    def _idle(self, what: str) -> Iterator[None]:
+        """Hold the session's turn lock while changing the conversation; RuntimeError if a turn has it."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"cannot {what} while a turn is generating: call cancel() and read the stream to its end "
+                "(or close it), then try again"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _options(self, options: Mapping[str, Any]) -> dict:
-        """This turn's options, checked (nothing is changed here); the sampler is built."""
+        """This turn's options, checked (nothing is changed here); the sampler is built.
+
+        Numbers are checked with :mod:`mlx_gptoss.options` (OptionError, a ValueError, naming the
+        option); a seed of None or -1 means no seeding (random)."""
         unknown = set(options) - set(_OPTIONS)
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))} (known: {', '.join(_OPTIONS)})")
         opts = {**self.defaults, **options}
-        n = opts["max_tokens"]
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1; got {n!r}")
+        n = check_number("max_tokens", opts["max_tokens"], integer=True, min=1)
         if n >= self.context_size:
             raise PromptTooLongError(f"max_tokens={n} leaves no room for a prompt in {self._context_text()}")
-        step = opts.get("prefill_step")
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
-            raise ValueError(f"prefill_step must be an integer >= 1; got {step!r}")
-        seed = opts.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer; got {seed!r}")
+        if opts.get("prefill_step") is not None:
+            check_number("prefill_step", opts["prefill_step"], integer=True, min=1)
+        opts["seed"] = check_seed("seed", opts.get("seed"))
         stop = opts.get("stop") or []
         opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) for s in opts["stop"]):
             raise ValueError(f"stop must be a string or a list of strings; got {stop!r}")
         if opts.get("sampler") is None:
-            opts["sampler"] = make_sampler(opts["temperature"], opts["top_p"], top_k=opts["top_k"], min_p=opts["min_p"])
+            opts["sampler"] = make_sampler(opts["temperature"], opts["top_p"], opts["top_k"], opts["min_p"],
+                                           names=("temperature", "top_p", "top_k", "min_p"))  # fmt: skip
         elif not callable(opts["sampler"]):
             raise ValueError(f"sampler must be callable (logits [1, V] -> token [1]); got {opts['sampler']!r}")
         return opts
@@ -288,7 +313,10 @@ class ChatSession:
     def _context_text(self) -> str:
         plan = getattr(self.model, "memory_plan", None)
         if plan is not None and plan.context == self.context_size:
-            return f"the context of {self.context_size} tokens the memory budget was planned for (load with a larger context=)"
+            return (
+                f"the context of {self.context_size} tokens the memory budget was planned for (load with a larger "
+                "context: context= in Python, --context on the command line)"
+            )
         return f"the context of {self.context_size} tokens"
 
     def _render(self, messages: list) -> list[int]:

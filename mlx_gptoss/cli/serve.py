@@ -20,24 +20,32 @@ from .common import Fail, adapter_option, download_option, memory_options, model
 )
 @click.option("--max-tokens", default=None, type=click.IntRange(min=1),
               help="Longest reply a request may ask for  [default: half the context]")  # fmt: skip
-@click.option("--cors-origin", default=None, help="The one browser origin allowed to call the API (default: none).")
+@click.option("--cors-origin", default=None,
+              help="The one browser origin allowed to call the API (default: none; '*' needs --api-key).")  # fmt: skip
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="A Host name to answer besides localhost, 127.0.0.1 and [::1] (any port); repeatable; '*' needs --api-key.")  # fmt: skip
 @download_option
 def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | None, memory_budget: str | None, context: int,
-          max_queue: int, max_tokens: int | None, cors_origin: str | None) -> None:  # fmt: skip
+          max_queue: int, max_tokens: int | None, cors_origin: str | None, allowed_hosts: tuple[str, ...]) -> None:  # fmt: skip
     """Serve the model over HTTP: OpenAI's Responses API and Chat Completions (see docs/server.md)."""
     try:
-        from mlx_gptoss.server.app import is_loopback, model_name
+        from mlx_gptoss.server.app import check_exposure, is_loopback, model_name
         from mlx_gptoss.server.app import serve as run
     except ImportError as e:
         raise Fail(f"the server needs its extra: pip install 'mlx-gptoss[server]' ({e.name} is missing)") from None
     from mlx_gptoss.api import load
     from mlx_gptoss.tokenizer import TokenizerError
 
-    if not is_loopback(host) and not api_key:  # checked before the model loads: fail fast
+    # checked before the model loads: fail fast
+    if not is_loopback(host) and not api_key:
         raise Fail(f"--host {host} is reachable from other machines: set --api-key too (or serve on 127.0.0.1)")
+    try:
+        check_exposure(api_key=api_key, cors_origin=cors_origin, allowed_hosts=allowed_hosts)
+    except ValueError as e:
+        raise Fail(str(e)) from None
     try:
         lm = load(model, memory_budget=memory_budget, context=context, verbose=memory_budget is not None, adapter=adapter)
         run(lm, model_id=model_name(model), host=host, port=port, api_key=api_key, max_queue=max_queue,
-            max_tokens=max_tokens, cors_origin=cors_origin)  # fmt: skip
+            max_tokens=max_tokens, cors_origin=cors_origin, allowed_hosts=allowed_hosts, adapter=adapter)  # fmt: skip
     except (ValueError, OSError, TokenizerError) as e:
         raise Fail(str(e)) from None

@@ -23,7 +23,8 @@ sessions use: :mod:`mlx_gptoss.kvreuse`)::
 
 ``app.py`` / ``schemas.py`` / ``translate.py`` — the HTTP side (FastAPI + uvicorn): typed
 requests, Chat Completions and Responses translated to and from harmony messages and events,
-server-sent events, errors as OpenAI error objects, API key, CORS, limits.
+server-sent events, errors as OpenAI error objects, API key, Host and media-type checks, CORS,
+limits (text too costly to tokenize is refused before the engine sees it).
 """
 
 __all__ = ["create_app", "serve"]

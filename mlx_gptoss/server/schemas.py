@@ -8,12 +8,12 @@ refused with a 400 that says so.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # harmony writes the name into "to=functions.NAME"
+from ..tools import check_parameters, check_tool_name
+
 Effort = Literal["minimal", "low", "medium", "high"]  # "minimal" (sent by some clients) runs as "low"
 
 
@@ -33,27 +33,8 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send many optional fields
 
 
-def check_parameters(schema: Any) -> dict:
-    """A function tool's ``parameters``: a JSON-schema object (harmony renders it as a TypeScript type)."""
-    if schema is None:
-        return {"type": "object", "properties": {}}
-    if not isinstance(schema, dict):
-        raise ValueError('must be a JSON-schema object, e.g. {"type": "object", "properties": {...}}')
-    if schema.get("type", "object") != "object":
-        raise ValueError(f'the schema\'s type must be "object" (a function takes named arguments), not {schema.get("type")!r}')
-    props = schema.get("properties", {})
-    if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
-        raise ValueError('"properties" must map each argument name to a JSON schema (an object)')
-    required = schema.get("required", [])
-    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-        raise ValueError('"required" must be a list of argument names')
-    return schema
-
-
-def _check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ValueError(f"function name {name!r} must be letters, digits and underscores, not starting with a digit")
-    return name
+def _check_name(name: str | None) -> str | None:
+    return None if name is None else check_tool_name(name)  # the Python API's rules: what one accepts, so does the other
 
 
 def _text_format(fmt: Any, field: str) -> None:
@@ -171,14 +152,15 @@ class ResponseTool(_Model):
     parameters: dict | None = None
     strict: bool | None = None
 
+    _name = field_validator("name")(_check_name)
+    _params = field_validator("parameters", mode="before")(check_parameters)
+
     @model_validator(mode="after")
     def _function(self) -> ResponseTool:
         if self.type != "function":
             raise ValueError(f"only function tools are supported (a tool of type {self.type!r} was sent)")
         if self.name is None:
             raise ValueError("a function tool needs a name")
-        _check_name(self.name)
-        self.parameters = check_parameters(self.parameters)
         return self
 
 

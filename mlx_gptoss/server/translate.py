@@ -32,7 +32,8 @@ from ..harmony import (
     for_rendering,
     system_message,
 )
-from ..tools import Tool
+from ..tokenizer import TextTooCostlyError, check_encode_cost
+from ..tools import DuplicateToolError, Tool, unique_tools
 from .schemas import APIError, ChatRequest, InputItem, ResponsesRequest
 
 JSON_CONSTRAINT = "<|constrain|>json"  # the content type gpt-oss writes for function arguments
@@ -57,15 +58,33 @@ def _tool_choice(choice: Any, param: str) -> bool:
                         "a tool; describe the tool to use in the instructions instead)", param=param)  # fmt: skip
 
 
-def conversation(effort: str | None, instructions: list[str], tools: list[dict], turns: list) -> list:
+def conversation(effort: str | None, instructions: list[str], tools: list[Tool], turns: list) -> list:
     """The whole harmony conversation: system, developer (instructions, tools), turns."""
-    dev = developer_message("\n\n".join(t for t in instructions if t),
-                            [Tool(t["name"], t.get("description") or t["name"], t["parameters"]) for t in tools])  # fmt: skip
+    dev = developer_message("\n\n".join(t for t in instructions if t), tools)
     return [system_message(_effort(effort)), *([dev] if dev is not None else []), *for_rendering(turns)]
 
 
-def _assistant(text: str, channel: str):
+def request_tools(specs: list[dict], name_param: str) -> list[Tool]:
+    """A request's function tools, checked by the Python API's rules (:func:`~mlx_gptoss.tools.unique_tools`);
+    a name used twice is a 400 naming the second (``name_param`` formats its index, e.g. "tools[{}].name")."""
+    try:
+        return unique_tools(specs)
+    except DuplicateToolError as e:
+        where = name_param.format(e.index)
+        raise APIError(400, f"{where}: {e}", param=where) from None
 
+
+def check_cost(texts: list[tuple[str, str]]) -> None:
+    """Refuse a request whose ``(param, text)`` pairs openai-harmony would take too long to tokenize
+    (its BPE is quadratic in a run without a break, and holds the GIL: the whole server would stall):
+    a 400 naming the field, in milliseconds."""
+    try:
+        check_encode_cost([t for _, t in texts], what="the request", name=lambda i: texts[i][0])
+    except TextTooCostlyError as e:
+        raise APIError(400, str(e), param=texts[e.index][0], code="text_too_costly") from None
+
+
+def _assistant(text: str, channel: str):
     return Message.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
 
 
@@ -74,7 +93,6 @@ def _call(name: str, arguments: str):
 
 
 def _result(name: str, output: str):
-
     msg = Message.from_author_and_content(Author.new(Role.TOOL, f"functions.{name}"), output)
     return msg.with_recipient("assistant").with_channel("commentary")
 
@@ -103,8 +121,25 @@ def chat_to_harmony(req: ChatRequest) -> list:
                 raise APIError(400, f"{where}.tool_call_id: {m.tool_call_id!r} answers no earlier assistant tool call",
                                param=f"{where}.tool_call_id")  # fmt: skip
             turns.append(_result(name, m.text()))
-    tools = [t.function.model_dump() for t in req.tools or []] if _tool_choice(req.tool_choice, "tool_choice") else []
-    return conversation(req.reasoning_effort, instructions, tools, turns)
+    tools = request_tools([t.function.model_dump() for t in req.tools or []], "tools[{}].function.name")
+    shown = tools if _tool_choice(req.tool_choice, "tool_choice") else []
+    return conversation(req.reasoning_effort, instructions, shown, turns)
+
+
+def chat_texts(req: ChatRequest) -> list[tuple[str, str]]:
+    """The text a Chat Completions request puts into the prompt, each with the field it came from."""
+    out = []
+    for i, m in enumerate(req.messages):
+        out.append((f"messages[{i}].content", m.text()))
+        if m.reasoning or m.reasoning_content:
+            field = "reasoning" if m.reasoning else "reasoning_content"
+            out.append((f"messages[{i}].{field}", getattr(m, field)))
+        for j, call in enumerate(m.tool_calls or []):
+            out.append((f"messages[{i}].tool_calls[{j}].function.arguments", call.function.arguments))
+    for i, t in enumerate(req.tools or []):
+        out.append((f"tools[{i}].function.description", t.function.description or ""))
+        out.append((f"tools[{i}].function.parameters", json.dumps(t.function.parameters or {})))
+    return out
 
 
 def responses_items(req: ResponsesRequest) -> list[InputItem]:
@@ -136,14 +171,28 @@ def responses_to_harmony(req: ResponsesRequest, items: list[InputItem]) -> list:
                 raise APIError(400, f"input[{i}].call_id: {item.call_id!r} answers no function_call item before it",
                                param=f"input[{i}].call_id")  # fmt: skip
             turns.append(_result(names[item.call_id], item.text()))
-    tools = [t.model_dump(include={"name", "description", "parameters"}) for t in req.tools or []]
+    tools = request_tools([t.model_dump(include={"name", "description", "parameters"}) for t in req.tools or []],
+                          "tools[{}].name")  # fmt: skip
     effort = req.reasoning.effort if req.reasoning else None
     return conversation(effort, instructions, tools if _tool_choice(req.tool_choice, "tool_choice") else [], turns)
 
 
-def _reasoning_tokens(reply, encoding) -> int:
-    # the engine counts generated tokens, not per channel: the reasoning text re-encoded
-    return len(encoding.encode(reply.reasoning, allowed_special=set())) if reply.reasoning and encoding else 0
+def responses_texts(req: ResponsesRequest, items: list[InputItem]) -> list[tuple[str, str]]:
+    """The text a Responses request (``items``: the stored conversation, then ``input``) puts into
+    the prompt, each with the field it came from (stored items: ``previous_response_id``)."""
+    out = [("instructions", req.instructions or "")]
+    stored = len(items) - (len(req.input) if isinstance(req.input, list) else 1 if req.input else 0)
+    for i, item in enumerate(items):
+        field = {"function_call": "arguments", "function_call_output": "output"}.get(item.type, "content")
+        if i < stored:
+            where = "previous_response_id"
+        else:
+            where = f"input[{i - stored}].{field}" if isinstance(req.input, list) else "input"
+        out.append((where, (item.arguments or "") if item.type == "function_call" else item.text()))
+    for i, t in enumerate(req.tools or []):
+        out.append((f"tools[{i}].description", t.description or ""))
+        out.append((f"tools[{i}].parameters", json.dumps(t.parameters or {})))
+    return out
 
 
 # -- Chat Completions out -----------------------------------------------------------------------
@@ -152,9 +201,10 @@ def _reasoning_tokens(reply, encoding) -> int:
 class ChatBuilder:
     """Chat Completions chunks from harmony events; :meth:`completion` is the non-streaming reply."""
 
-    def __init__(self, model: str, encoding=None):
-        self.id, self.created, self.model, self.encoding = new_id("chatcmpl"), int(time.time()), model, encoding
+    def __init__(self, model: str):
+        self.id, self.created, self.model = new_id("chatcmpl"), int(time.time()), model
         self.content, self.reasoning = "", ""
+        self.reasoning_tokens = 0  # one per ReasoningDelta: the parser makes one per generated token of reasoning
         self.calls: list[dict] = []
         self._index: dict[str, int] = {}  # the engine's call id -> position in tool_calls
 
@@ -169,6 +219,7 @@ class ChatBuilder:
         """The chunks one engine event makes."""
         if isinstance(ev, ReasoningDelta):
             self.reasoning += ev.text
+            self.reasoning_tokens += 1
             return [self._chunk({"reasoning": ev.text, "reasoning_content": ev.text})]
         if isinstance(ev, (FinalDelta, CommentaryDelta)):
             self.content += ev.text
@@ -196,7 +247,7 @@ class ChatBuilder:
         return {"prompt_tokens": st.prompt_tokens, "completion_tokens": st.generation_tokens,
                 "total_tokens": st.prompt_tokens + st.generation_tokens,
                 "prompt_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefill_tokens},
-                "completion_tokens_details": {"reasoning_tokens": _reasoning_tokens(reply, self.encoding)}}  # fmt: skip
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}  # fmt: skip
 
     def end(self, reply, include_usage: bool) -> list[dict]:
         out = [self._chunk({}, self.finish_reason(reply))]
@@ -206,8 +257,8 @@ class ChatBuilder:
 
     def completion(self, reply) -> dict:
         msg: dict[str, Any] = {"role": "assistant", "content": self.content or (None if self.calls else "")}
-        if self.reasoning:
-            msg["reasoning"] = msg["reasoning_content"] = self.reasoning
+        # always there, null without reasoning: the SDK makes an attribute of an extra field only when it is sent
+        msg["reasoning"] = msg["reasoning_content"] = self.reasoning or None
         if self.calls:
             msg["tool_calls"] = self.calls
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -221,8 +272,8 @@ class ChatBuilder:
 class ResponseBuilder:
     """Responses stream events (numbered) from harmony events; :attr:`response` is the object."""
 
-    def __init__(self, req: ResponsesRequest, model: str, encoding=None):
-        self.encoding = encoding
+    def __init__(self, req: ResponsesRequest, model: str):
+        self.reasoning_tokens = 0  # as ChatBuilder's
         self.include_reasoning = "reasoning.encrypted_content" in (req.include or [])
         self.seq = 0
         self.open: dict | None = None  # the output item being written
@@ -297,6 +348,7 @@ class ResponseBuilder:
                 events += self._begin("reasoning", {"id": new_id("rs"), "type": "reasoning", "summary": [], "content": [],
                                                     "encrypted_content": None, "status": "in_progress"})  # fmt: skip
             self.open["content"][0]["text"] += ev.text
+            self.reasoning_tokens += 1
             events.append(self._event("response.reasoning_text.delta", **self._where(), content_index=0, delta=ev.text))
         elif isinstance(ev, (FinalDelta, CommentaryDelta)):
             kind = "message" if isinstance(ev, FinalDelta) else "preamble"
@@ -328,7 +380,7 @@ class ResponseBuilder:
         self.response["usage"] = {
             "input_tokens": st.prompt_tokens, "input_tokens_details": {"cached_tokens": st.prompt_tokens - st.prefill_tokens},
             "output_tokens": st.generation_tokens, "total_tokens": st.prompt_tokens + st.generation_tokens,
-            "output_tokens_details": {"reasoning_tokens": _reasoning_tokens(reply, self.encoding)},
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
         }  # fmt: skip
         if reply.finish_reason == "length":
             self.response["status"] = "incomplete"
