@@ -273,9 +273,12 @@ class _Streamer:
             f.close()
 
 
-def _is_output(name: str) -> bool:
-    """Whether a file name is one a conversion writes (what ``force`` may replace)."""
+def is_output(name: str) -> bool:
+    """Whether a file name is one a conversion writes (what ``force`` may replace, and ``mlx-gptoss rm`` delete)."""
     return name in ("config.json", INDEX, TIKTOKEN_FILE, *TOKENIZER_FILES) or bool(_SHARD_NAME.match(name))
+
+
+_is_output = is_output  # the name export.py imports
 
 
 def _harmony_vocab(release: Release) -> bytes | None:
@@ -392,7 +395,7 @@ def convert(
     release = open_release(src, layout)
     check_no_overlap([src, release.root], dst)
     if dst.exists() or dst.is_symlink():
-        check_replaceable(dst, _is_output)
+        check_replaceable(dst, is_output)
     vocab = _harmony_vocab(release)
     out_config = release.config
     if quantization:
@@ -414,7 +417,7 @@ def convert(
     def recheck() -> None:
         if not force:
             raise ConversionError(taken)
-        check_replaceable(dst, _is_output)
+        check_replaceable(dst, is_output)
 
     with claimed(dst, need, recheck, "conversion"):
         notes = _write(release, out_config, shards, total, vocab, dst, str(src), show)

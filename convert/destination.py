@@ -1,7 +1,8 @@
 """Where a conversion writes: the checks and the lock that keep it from destroying anything.
 
 - the source and the destination never overlap, in either direction (compared as real paths);
-- ``force`` replaces only an empty folder or an earlier mlx-gptoss conversion;
+- ``force`` replaces only an empty folder or an earlier mlx-gptoss conversion holding nothing else,
+  the rule ``mlx-gptoss rm`` follows too (:func:`check_only_outputs`);
 - one conversion at a time per destination (an flock'ed ``.DST.lock`` beside it), and the hidden
   folders left beside DST by a conversion that was killed are removed by the next one;
 - the output must fit on the destination's disk;
@@ -72,7 +73,8 @@ def check_no_overlap(sources: list[Path], dst: Path) -> None:
 
 
 def check_replaceable(dst: Path, is_output: Callable[[str], bool]) -> None:
-    """Refuse to let ``force`` replace anything but an empty folder or an earlier mlx-gptoss conversion.
+    """Refuse to let ``force`` replace anything but an empty folder or an earlier mlx-gptoss conversion
+    (:func:`check_only_outputs`, the rule ``mlx-gptoss rm`` follows too).
 
     ``is_output(name)`` says whether a file name is one a conversion writes.
     """
@@ -83,9 +85,23 @@ def check_replaceable(dst: Path, is_output: Callable[[str], bool]) -> None:
     cwd = Path.cwd().resolve()
     if cwd == dst.resolve() or dst.resolve() in cwd.parents:
         raise ConversionError(f"{dst}: is (or holds) the current directory; {how} — give a new folder, e.g. ./gpt-oss-mlx")
-    entries = list(dst.iterdir())
-    if not entries:
+    if not any(dst.iterdir()):
         return
+    check_only_outputs(dst, is_output, "--force")
+
+
+def check_only_outputs(
+    dst: Path, is_output: Callable[[str], bool], action: str, instead: str = "choose another destination"
+) -> None:
+    """Refuse ``action`` (which would delete the folder ``dst``) unless ``dst`` is an mlx-gptoss
+    conversion holding nothing but files a conversion writes.
+
+    The one rule for deleting a converted folder, whoever deletes it: ``--force`` replacing it
+    (convert, export) and ``mlx-gptoss rm`` removing it from the cache. ``is_output(name)`` says
+    whether a file name is one a conversion writes; subfolders, symbolic links and any other file
+    are the user's (notes, an adapter trained into it), and the error names them. ``action`` and
+    ``instead`` (what else to do) word the error.
+    """
     try:
         fmt = json.loads((dst / "config.json").read_text()).get("mlx_gptoss", {}).get("format")
     except (OSError, ValueError, AttributeError):
@@ -93,14 +109,15 @@ def check_replaceable(dst: Path, is_output: Callable[[str], bool]) -> None:
     if fmt != FORMAT_NAME:
         raise ConversionError(
             f"{dst}: exists and is not an mlx-gptoss conversion (its config.json has no "
-            f'"mlx_gptoss": {{"format": "{FORMAT_NAME}"}}); {how} — remove it yourself or choose another destination'
+            f'"mlx_gptoss": {{"format": "{FORMAT_NAME}"}}); {action} deletes only a folder mlx-gptoss convert wrote '
+            f"— remove it yourself or {instead}"
         )
-    extra = sorted(p.name for p in entries if p.is_symlink() or not p.is_file() or not is_output(p.name))
+    extra = sorted(p.name for p in dst.iterdir() if p.is_symlink() or not p.is_file() or not is_output(p.name))
     if extra:
         more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
         raise ConversionError(
-            f"{dst}: holds {', '.join(extra[:5])}{more}, which a conversion does not write; --force would "
-            "delete them — move them out first, or choose another destination"
+            f"{dst}: holds {', '.join(extra[:5])}{more}, which a conversion does not write; {action} would "
+            f"delete them — move them out first, or {instead}"
         )
 
 

@@ -177,11 +177,13 @@ def _fit(config: GptOssConfig, tensors: dict[str, TensorInfo], budget: int | Non
         k = config.num_experts_per_tok
         if slots < k:
             need = fixed + k * (L + slot_copies) * expert_bytes
+            # the preset quantizes float layers: no use to a checkpoint that already stores some quantized
+            preset = "" if config.quantization else ", or a checkpoint converted with --preset 16gb"
             raise BudgetError(
                 f"a budget of {budget / GB:.2f} GB cannot hold this model: it needs at least {need / GB:.2f} GB "
                 f"({(need - budget) / GB:.2f} GB more) with {k} expert slots per layer and {why}. "
                 f"Everything resident needs {(fixed + all_experts) / GB:.2f} GB. "
-                f"Use a larger budget, {smaller}, or a checkpoint converted with --preset 16gb."
+                f"Use a larger budget{',' if preset else ' or'} {smaller}{preset}."
             )
         plan.expert_slots = min(slots, E)
     comps = [

@@ -2,13 +2,16 @@
 (``cache_root()/models``); the cache listed and pruned.
 
 A repo id is converted once into ``models/owner--name`` (``owner--name@revision`` for another
-revision than the default); only folders our converter wrote are listed or removed. This sits
-above the converter (it runs it) and the core loader (it checks what it converted).
+revision than the default); only folders our converter wrote are listed, and ``rm`` deletes only
+what ``list`` shows, by the rule ``convert --force`` follows: a conversion holding nothing but the
+files a conversion writes. This sits above the converter (it runs it) and the core loader (it
+checks what it converted).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -18,7 +21,8 @@ from pathlib import Path
 from mlx.utils import tree_flatten
 
 from mlx_gptoss_convert import convert as run_conversion
-from mlx_gptoss_convert.destination import SPACE_MARGIN, check_free_space, destination
+from mlx_gptoss_convert.convert import is_output
+from mlx_gptoss_convert.destination import SPACE_MARGIN, check_free_space, check_only_outputs, destination
 from mlx_gptoss_convert.hub import (
     KEEP_ENV,
     OFFLINE_HINT,
@@ -154,7 +158,7 @@ def verify(path: Path) -> None:
 
 @dataclass
 class ModelInfo:
-    """One converted model of the cache."""
+    """One converted model of the cache; ``problem`` says what in its config.json could not be read."""
 
     name: str
     path: Path
@@ -162,6 +166,7 @@ class ModelInfo:
     size: int
     quantization: str
     format_version: int | None
+    problem: str | None = None
 
     def row(self) -> list[str]:
         return [self.name, self.source, _gb(self.size), self.quantization, str(self.format_version)]
@@ -181,29 +186,59 @@ def _name(folder: str) -> str:
     return folder.replace("--", "/", 1)
 
 
+def _visible(p: Path) -> bool:
+    """Whether ``list`` looks at the cache entry ``p``: a folder, not a link, not hidden (a hidden one
+    is a partial or earlier copy a conversion left, or someone's own)."""
+    return not p.name.startswith(".") and p.is_dir() and not p.is_symlink()
+
+
+def folder_bytes(path: Path) -> int:
+    """The bytes of every file under ``path``, subfolders included (symbolic links not followed)."""
+    total = 0
+    for top, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(top, f)).st_size
+            except OSError:
+                pass  # gone meanwhile, or unreadable: it frees nothing we can count
+    return total
+
+
+def _quantization(raw: dict) -> tuple[str, str | None]:
+    """The QUANTIZATION column for a config.json, and what is wrong with its ``quantization`` (or None)."""
+    quant = raw.get("quantization") or {}
+    if not isinstance(quant, dict) or not all(isinstance(s, dict) for s in quant.values()):
+        return "?", f'config.json has an unreadable "quantization" ({json.dumps(quant)[:60]}): is the folder damaged?'
+    q = ", ".join(f"{c} {s.get('mode', 'affine')} {s.get('bits')}-bit" for c, s in sorted(quant.items()))
+    return "experts mxfp4" + (f"; {q}" if q else ""), None
+
+
 def list_models() -> list[ModelInfo]:
-    """The converted models in the cache, by name; folders our converter did not write are left out."""
+    """The converted models in the cache, by name; folders our converter did not write are left out.
+
+    A folder whose config.json has a field that cannot be read is listed all the same, with
+    :attr:`ModelInfo.problem` saying what.
+    """
     root = models_root()
     out = []
     for p in sorted(root.iterdir()) if root.is_dir() else []:
-        raw = _ours(p) if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") else None
+        raw = _ours(p) if _visible(p) else None
         if raw is None:
             continue
-        quant = raw.get("quantization") or {}
-        q = ", ".join(
-            f"{c} {s.get('mode', 'affine')} {s.get('bits')}-bit" for c, s in sorted(quant.items()) if isinstance(s, dict)
-        )
         meta = raw["mlx_gptoss"]
-        out.append(ModelInfo(_name(p.name), p, str(meta.get("source", "?")), sum(f.stat().st_size for f in p.iterdir() if f.is_file()),
-                             "experts mxfp4" + (f"; {q}" if q else ""), meta.get("format_version")))  # fmt: skip
+        quant, problem = _quantization(raw)
+        version = meta.get("format_version")
+        out.append(ModelInfo(_name(p.name), p, str(meta.get("source", "?")), folder_bytes(p), quant,
+                             version if isinstance(version, int) else None, problem))  # fmt: skip
     return out
 
 
 def find_model(name: str) -> Path:
-    """The cache folder of a converted model named ``owner/name`` (or by its folder name)."""
+    """The cache folder of a converted model named ``owner/name`` (or by its folder name), as ``list`` shows it."""
     folder = name.replace("/", "--", 1)
     p = models_root() / folder
-    if "/" not in folder and folder not in ("", ".", "..") and (p.exists() or p.is_symlink()):
+    # a hidden folder is a partial or earlier copy (or someone's own): list never shows it, so rm never reaches it
+    if "/" not in folder and not folder.startswith(".") and folder != "" and (p.exists() or p.is_symlink()):
         if p.is_symlink() or _ours(p) is None:
             raise LoadError(f"{p}: not a model mlx-gptoss converted; not removed (remove it yourself if you mean to)")
         return p
@@ -211,9 +246,17 @@ def find_model(name: str) -> Path:
     raise LoadError(f"{name}: no such converted model in {models_root()} (converted models: {known})")
 
 
+def check_removable(path: Path) -> None:
+    """Refuse to delete a cache folder holding anything but the files a conversion writes (the rule
+    of ``convert --force``): notes, an adapter trained into it... are named in the error, and kept."""
+    check_only_outputs(path, is_output, "rm", instead="delete the folder yourself")
+
+
 def remove_model(name: str) -> tuple[Path, int]:
-    """Delete a converted model from the cache; its folder and the bytes freed."""
+    """Delete a converted model from the cache (:func:`find_model`, :func:`check_removable`); its
+    folder and the bytes freed."""
     path = find_model(name)
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    check_removable(path)
+    size = folder_bytes(path)
     shutil.rmtree(path)
     return path, size

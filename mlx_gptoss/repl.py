@@ -25,7 +25,8 @@ HELP = f"""commands:
   /reset               forget the conversation (keeps instructions and settings)
   /effort low|medium|high
   /reasoning           show or hide the reasoning
-  /save FILE           save the conversation (harmony conversation JSON)
+  /save FILE           save the conversation (harmony conversation JSON); asks before replacing a file
+  /save! FILE          save it, replacing FILE without asking
   /load FILE           continue a saved conversation
   /help, /quit
 keys:
@@ -35,9 +36,14 @@ keys:
 
 
 class Repl:
+    """The terminal chat over ``session``; ``adapter`` and ``loaded`` (the adapter applied, the file
+    the conversation was loaded from) are named in the banner."""
+
     def __init__(self, session: ChatSession, *, show_reasoning: bool = True, options: dict[str, Any] | None = None,
-                 read: Callable[[str], str] = input, out: TextIO | None = None, err: TextIO | None = None):  # fmt: skip
+                 read: Callable[[str], str] = input, out: TextIO | None = None, err: TextIO | None = None,
+                 adapter: str | Path | None = None, loaded: str | Path | None = None):  # fmt: skip
         self.session, self.show_reasoning, self.options = session, show_reasoning, options or {}
+        self.adapter, self.loaded = adapter, loaded
         # the streams of the moment, not those of import time (a caller may have replaced them since)
         self.read, self.out, self.err = read, out or sys.stdout, err or sys.stderr
         self.color = self.out.isatty()
@@ -48,8 +54,16 @@ class Repl:
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
 
+    def banner(self) -> str:
+        """``chat with MODEL (adapter AD; continuing FILE, N messages) — /help for commands``."""
+        notes = [f"adapter {self.adapter}"] if self.adapter is not None else []
+        if self.loaded is not None:
+            notes.append(f"continuing {self.loaded}, {len(self.session.messages)} messages")
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        return f"chat with {getattr(self.session.model, 'path', 'the model')}{extra} — /help for commands"
+
     def run(self) -> None:
-        self.say(f"chat with {getattr(self.session.model, 'path', 'the model')} — /help for commands")
+        self.say(self.banner())
         while True:
             try:
                 line = self.read(">>> ")
@@ -102,11 +116,11 @@ class Repl:
         elif cmd == "/reasoning":
             self.show_reasoning = not self.show_reasoning
             self.say(f"(reasoning {'shown' if self.show_reasoning else 'hidden'})")
-        elif cmd == "/save":
+        elif cmd in ("/save", "/save!"):
             if not arg:
-                self.say("usage: /save FILE")
+                self.say(f"usage: {cmd} FILE")
             else:
-                self._save(Path(arg).expanduser())
+                self._save(Path(arg).expanduser(), replace=cmd == "/save!")
         elif cmd == "/load":
             if not arg:
                 self.say("usage: /load FILE")
@@ -126,16 +140,45 @@ class Repl:
             self.say(f"(loaded {len(self.session.messages)} messages from {arg})")
         except (OSError, ValueError) as e:
             self.say(f"cannot load {arg}: {e}")
+        except RecursionError:  # json's decoder recurses once per nesting level
+            self.say(f"cannot load {arg}: not a saved conversation: it is nested too deeply")
 
-    def _save(self, path: Path) -> None:
+    def _confirm(self, question: str) -> bool:
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            return self.read(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+        except (EOFError, KeyboardInterrupt):
+            self.say("")
+            return False
+
+    def _save(self, path: Path, *, replace: bool = False) -> None:
+        """The conversation into ``path``, written beside it and renamed into place (a reader never
+        sees half a file); an existing file is replaced only when ``replace`` or confirmed."""
+        if path.is_dir():
+            self.say(f"cannot save to {path}: it is a folder; give a file name")
+            return
+        if (path.exists() or path.is_symlink()) and not replace:
+            if not self._confirm(f"{path} exists: replace it?"):
+                self.say(f"(not saved; /save! {path} replaces it without asking)")
+                return
+        text, tmp = self.session.to_json(), None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             with os.fdopen(fd, "w") as f:
-                f.write(self.session.to_json())
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would create it, not mkstemp's owner-only 0600
+                f.write(text)
             os.replace(tmp, path)
+            tmp = None
             self.say(f"(saved to {path})")
         except OSError as e:
-            self.say(f"cannot save to {path}: {e}")
+            self.say(f"cannot save to {path}: {e.strerror or e}")
+        finally:
+            if tmp is not None:  # the write or the rename failed: no copy is left behind
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass  # already gone
 
     def turn(self, text: str) -> None:
         previous = signal.getsignal(signal.SIGINT)

@@ -158,6 +158,25 @@ def test_force_keeps_a_conversion_holding_other_files(hf, tmp_path):
     assert (dst / "notes.txt").read_text() == "mine"
 
 
+def test_force_and_rm_share_one_rule_for_a_conversion_you_added_to(hf, tmp_path):
+    from mlx_gptoss_convert.convert import is_output
+    from mlx_gptoss_convert.destination import check_only_outputs
+
+    dst = convert(hf, tmp_path / "out")
+    check_only_outputs(dst, is_output, "rm")  # a pristine conversion: nothing of yours to lose
+    (dst / "adapter").mkdir()  # a subfolder, a link, a file of another name: yours
+    (dst / "link.safetensors").symlink_to(dst / "config.json")
+    for action in ("--force", "rm"):
+        with pytest.raises(
+            ConversionError,
+            match=f"holds adapter, link.safetensors, which a conversion does not write; {action} would delete them",
+        ):
+            check_only_outputs(dst, is_output, action)
+    with pytest.raises(ConversionError, match="holds adapter, link.safetensors"):
+        convert(hf, dst, force=True)
+    assert (dst / "adapter").is_dir() and (dst / "link.safetensors").is_symlink()
+
+
 def test_force_replaces_an_earlier_conversion(hf, tmp_path):
     dst = convert(hf, tmp_path / "out")
     cfg = json.loads((dst / "config.json").read_text())

@@ -11,7 +11,17 @@ from conftest import TINY
 import mlx_gptoss
 from mlx_gptoss.config import GptOssConfig, QuantSpec
 from mlx_gptoss.generate import PromptTooLongError, stream_tokens
-from mlx_gptoss.memory import GB, BudgetError, budget_for_slots, kv_cache_bytes, parse_size, plan_memory, read_tensors
+from mlx_gptoss.lora.adapters import LoRASpec
+from mlx_gptoss.memory import (
+    GB,
+    BudgetError,
+    budget_for_slots,
+    kv_cache_bytes,
+    parse_size,
+    plan_memory,
+    plan_training,
+    read_tensors,
+)
 from mlx_gptoss_convert import convert
 
 
@@ -132,3 +142,17 @@ def test_cli_doctor_and_budget(tiny_model_dir, vocab_model_dir):
     assert "disk (streamed)" in res.stderr and "expert cache: hit rate" in res.stderr
     res = CliRunner().invoke(main, ["generate", "-m", str(vocab_model_dir), "--memory-budget", "1MB", "hi"])
     assert res.exit_code == 1 and "cannot hold this model" in res.output
+
+
+def test_budget_error_suggests_the_preset_only_to_a_model_without_it(tiny_model_dir, releases, tmp_path):
+    from mlx_gptoss.converted import read_config
+    from mlx_gptoss_convert import PRESETS
+
+    preset = convert(releases["hf"], tmp_path / "p16", quantization=PRESETS["16gb"])
+    for folder, suggested in ((tiny_model_dir, True), (preset, False)):
+        with pytest.raises(BudgetError) as e:
+            plan_memory(read_config(folder), read_tensors(folder), 1000, context=512)
+        assert ("--preset 16gb" in str(e.value)) is suggested and "shorter context" in str(e.value), str(e.value)
+    with pytest.raises(BudgetError) as e:  # training's plan says the same
+        plan_training(read_config(preset), read_tensors(preset), LoRASpec(rank=4, alpha=8.0), max_seq_len=64, budget=1000)
+    assert "--preset 16gb" not in str(e.value) and "a smaller rank" in str(e.value), str(e.value)

@@ -8,6 +8,7 @@ a Hugging Face cache laid out in a temp folder; the in-process cases fake ``snap
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -179,3 +180,99 @@ def test_drop_download_setting(fake_hub, monkeypatch):
 def test_not_a_repo_id(tmp_path):
     with pytest.raises(LoadError, match="no such folder, and not a Hugging Face repo id"):
         resolve_model(str(tmp_path / "missing" / "deeper" / "x"))
+
+
+# -- rm follows convert --force's rule; list and rm see the same folders (issue 22, items 3, 4, 10) ----
+
+
+def _one_error(r: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr[-2000:]
+    return lines[0]
+
+
+def test_rm_keeps_a_conversion_holding_your_files_as_convert_force_does(env, tiny_model_dir, releases):
+    env.models.mkdir(parents=True)
+    dst = env.models / "me--mine"
+    shutil.copytree(tiny_model_dir, dst)
+    (dst / "NOTES.txt").write_text("my notes")
+    (dst / "adapter").mkdir()
+    (dst / "adapter" / "adapters.safetensors").write_bytes(b"\0" * 1000)
+    force = _one_error(cli(env, "convert", releases["hf"], dst, "--force"))
+    rm = _one_error(cli(env, "rm", "me/mine", "--yes"))
+    for line in (force, rm):  # one rule, one answer: both name what a conversion does not write
+        assert "NOTES.txt, adapter, which a conversion does not write" in line, line
+    assert "rm would delete them" in rm and (dst / "NOTES.txt").is_file() and (dst / "adapter" / "adapters.safetensors").is_file()
+    r = cli(env, "rm", "me/mine")  # refused before asking, not after a "yes"
+    assert "NOTES.txt" in _one_error(r) and "confirm with --yes" not in r.stderr
+
+
+def test_rm_refuses_a_subfolder_and_counts_what_it_frees(env, tiny_model_dir):
+    from mlx_gptoss.models import folder_bytes
+
+    env.models.mkdir(parents=True)
+    dst = env.models / "me--big"
+    shutil.copytree(tiny_model_dir, dst)
+    (dst / "sub").mkdir()
+    with open(dst / "sub" / "blob.bin", "wb") as f:  # sparse: 200 MB apparent size, no disk used
+        f.truncate(200_000_000)
+    assert "sub" in _one_error(cli(env, "rm", "me/big", "--yes")) and (dst / "sub" / "blob.bin").is_file()
+    assert folder_bytes(dst) == sum(p.stat().st_size for p in dst.rglob("*") if p.is_file()) > 200_000_000
+    shutil.rmtree(dst / "sub")
+    size = folder_bytes(dst)
+    r = cli(env, "rm", "me/big", "--yes")
+    assert r.returncode == 0 and f"({size / 1e9:.2f} GB freed)" in r.stderr and not dst.exists(), r.stderr
+
+
+@pytest.mark.parametrize("folder", [".hidden", ".me--mine.partial-abcd1234", "."])
+def test_rm_never_reaches_a_folder_list_does_not_show(env, tiny_model_dir, folder):
+    env.models.mkdir(parents=True)
+    if folder != ".":
+        shutil.copytree(tiny_model_dir, env.models / folder)
+    assert folder not in cli(env, "list").stdout
+    line = _one_error(cli(env, "rm", folder, "--yes"))
+    assert "no such converted model" in line, line
+    assert (env.models / folder / "config.json").is_file() or folder == "."
+    assert env.models.is_dir()
+
+
+def test_an_empty_cache_variable_is_unset_not_the_current_directory(tmp_path, tiny_model_dir):
+    work, home = tmp_path / "work", tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(tiny_model_dir, work / "models" / "mywork")  # a project folder that happens to hold models/
+    e = {**os.environ, "MLX_GPTOSS_CACHE": "", "HOME": str(home)}
+    r = subprocess.run([sys.executable, "-m", "mlx_gptoss.cli", "rm", "mywork", "--yes"], env=e, cwd=work,
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)  # fmt: skip
+    assert (work / "models" / "mywork" / "config.json").is_file(), r.stderr
+    assert f"no such converted model in {home / '.cache' / 'mlx-gptoss' / 'models'}" in _one_error(r)
+
+
+def test_cache_root_is_absolute_and_empty_means_the_default(tmp_path, monkeypatch):
+    from mlx_gptoss.paths import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    for empty in ("", "  "):
+        monkeypatch.setenv("MLX_GPTOSS_CACHE", empty)
+        assert cache_root() == tmp_path / "home" / ".cache" / "mlx-gptoss"
+    monkeypatch.setenv("MLX_GPTOSS_CACHE", "relative/cache")  # taken from the current directory, as a path argument is
+    assert cache_root() == tmp_path / "relative" / "cache"
+    monkeypatch.setenv("MLX_GPTOSS_CACHE", "~/c")
+    assert cache_root() == tmp_path / "home" / "c"
+
+
+@pytest.mark.parametrize("odd", [["x"], "8bit", 7, {"attention": 8}])
+def test_list_shows_every_model_when_one_config_is_odd(env, tiny_model_dir, odd):
+    env.models.mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, env.models / "good--model")
+    shutil.copytree(tiny_model_dir, env.models / "odd--model")
+    cfg = json.loads((env.models / "odd--model" / "config.json").read_text())
+    cfg["quantization"] = odd
+    (env.models / "odd--model" / "config.json").write_text(json.dumps(cfg))
+    r = cli(env, "list")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == {"good/model", "odd/model"} and rows["odd/model"][4] == "?", r.stdout
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "odd--model" in warnings[0] and '"quantization"' in warnings[0], r.stderr

@@ -4,6 +4,7 @@ two threads on one model, and text the tokenizer cannot take."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -196,6 +197,8 @@ def _free_in_another_thread_quick(model) -> bool:
 
 # -- text the tokenizer cannot take (item 12) ---------------------------------------------------
 
+RUN_REFUSED = "too costly to tokenize|very long runs of one character"
+
 
 def test_tokenizer_error_is_a_value_error_and_still_a_runtime_error():
     assert issubclass(TokenizerError, ValueError) and issubclass(TokenizerError, RuntimeError)
@@ -221,7 +224,8 @@ def test_a_tokenizer_panic_becomes_a_tokenizer_error(vocab_model_dir):
 
 def test_a_megabyte_run_of_one_character(vocab_model_dir):
     tok = Tokenizer(vocab_model_dir)
-    with pytest.raises(TokenizerError, match="very long runs of one character"):
+    # refused up front by the cost guard (a TokenizerError too), or by openai-harmony's own panic
+    with pytest.raises(TokenizerError, match=RUN_REFUSED):
         tok.encode("a" * 1_000_000)
     assert tok.decode(tok.encode("a" * 1000 + " b")) == "a" * 1000 + " b"  # long but ordinary runs still work
 
@@ -231,7 +235,7 @@ def test_cli_megabyte_prompt_is_a_clear_error(vocab_model_dir, raw):
     args = [*CLI, "generate", "-m", str(vocab_model_dir), "--max-tokens", "2", *(["--raw"] if raw else [])]
     res = subprocess.run(args, input="a" * 1_000_000, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr[-2000:]
-    assert "Error: " in res.stderr and "very long runs of one character" in res.stderr and "Traceback" not in res.stderr
+    assert "Error: " in res.stderr and re.search(RUN_REFUSED, res.stderr) and "Traceback" not in res.stderr
 
 
 # -- problems reach the result and the CLI (item 16) --------------------------------------------
@@ -260,3 +264,22 @@ def test_cli_top_k_one_is_greedy_and_options_are_validated(vocab_model_dir):
     assert json.loads(topk.stdout)["tokens"] == json.loads(greedy.stdout)["tokens"]
     bad = subprocess.run([*base, "--min-p", "1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--min-p" in bad.stderr
+
+
+# -- a prompt too costly to tokenize ends at once (issue 22, item 7) -----------------------------
+
+
+# openai-harmony's encoder is quadratic on a long run without a piece boundary and holds the GIL
+# (600k characters: > 500 s, Ctrl-C ignored); the tokenizer's cost guard refuses such a text in milliseconds.
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_cli_600k_character_prompt_is_refused_within_seconds(vocab_model_dir, command):
+    text = "a" * 600_000
+    args = [*CLI, command, "-m", str(vocab_model_dir), "--max-tokens", "2"]
+    res = subprocess.run(args, input=text + "\n", capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    if command == "generate":  # the command's one error
+        errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+        assert res.returncode == 1 and len(errors) == 1, res.stderr[-2000:]
+    else:  # the chat says it for that message, and goes on (here: to the end of its input)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 0 and len(errors) == 1, res.stderr[-2000:]

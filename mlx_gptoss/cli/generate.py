@@ -8,7 +8,30 @@ from pathlib import Path
 
 import click
 
-from .common import Fail, adapter_option, download_option, effort_option, memory_options, model_option, sampling_options
+from .common import (
+    INT_MAX,
+    Fail,
+    Number,
+    adapter_option,
+    download_option,
+    effort_option,
+    given,
+    memory_options,
+    model_option,
+    output_failed,
+    refuse_ignored,
+    require_stdout,
+    sampling_options,
+)
+
+
+def _write(text: str) -> None:
+    """``text`` to standard output, now; a write that fails is the command's one error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:  # a closed pipe, a full disk: the reply cannot reach its reader
+        raise output_failed(e) from None
 
 
 @click.command()
@@ -18,11 +41,10 @@ from .common import Fail, adapter_option, download_option, effort_option, memory
 @effort_option
 @click.option("--show-reasoning", is_flag=True, help="Stream the reasoning (analysis channel) to stderr.")
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the harmony format.")
-@click.option("--max-tokens", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-tokens", default=512, show_default=True, type=Number(integer=True, min=1, max=INT_MAX))
 @sampling_options
-@click.option(
-    "--prefill-step", default=None, type=click.IntRange(min=1), help="Prefill chunk (default 512, or the memory plan's)."
-)
+@click.option("--prefill-step", default=None, type=Number(integer=True, min=1, max=INT_MAX),
+              help="Prefill chunk (default 512, or the memory plan's).")  # fmt: skip
 @memory_options()
 @click.option("--show-plan", is_flag=True, help="Print the memory plan (with --memory-budget).")
 @adapter_option
@@ -33,6 +55,10 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
              prefill_step: int | None, memory_budget: str | None, context: int, show_plan: bool, adapter: str | None,
              as_json: bool) -> None:  # fmt: skip
     """Generate a reply to PROMPT (or to standard input when PROMPT is omitted or "-")."""
+    harmony_only = "has no effect with --raw (the prompt is fed as is, without the harmony format)"
+    refuse_ignored(click.get_current_context(), {"system": (raw, harmony_only), "reasoning_effort": (raw, harmony_only),
+                                                 "show_reasoning": (raw, harmony_only)})  # fmt: skip
+    require_stdout()  # before the model loads: the reply would be lost
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise click.UsageError("give a PROMPT, or pipe one into standard input")
@@ -48,8 +74,7 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
 
     def on_text(channel: str | None, text: str) -> None:
         if channel in (None, "final"):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            _write(text)  # its Fail ends the token loop as any exception does
         elif show_reasoning:
             click.secho(text, err=True, nl=False, dim=True)
 
@@ -63,14 +88,14 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
         click.echo("\ninterrupted", err=True)
         sys.exit(130)
     if not as_json:
-        sys.stdout.write("\n")  # end the streamed answer's line
+        _write("\n")  # end the streamed answer's line
     for problem in result.problems:  # malformed harmony output: the text was kept, say what was wrong
         click.echo(f"warning: {problem}", err=True)
     if as_json:
         out = result.to_dict()
         if lm.stream_stats is not None:
             out["expert_cache"] = lm.stream_stats.as_dict()
-        click.echo(json.dumps(out))
+        _write(json.dumps(out) + "\n")
         return
     click.echo(
         f"prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.2f} tok/s | "
@@ -90,14 +115,14 @@ def generate(prompt: str | None, model: str, system: str | None, reasoning_effor
 @click.option("--system", "instructions", default=None, help="Instructions (harmony developer message).")
 @effort_option
 @click.option("--hide-reasoning", is_flag=True, help="Do not show the reasoning (toggle with /reasoning).")
-@click.option("--max-tokens", default=None, type=click.IntRange(min=1),
+@click.option("--max-tokens", default=None, type=Number(integer=True, min=1, max=INT_MAX),
               help="Longest reply  [default: 2048, or half the context when that is less]")  # fmt: skip
 @sampling_options
 @click.option("--context-policy", type=click.Choice(["rolling", "drop_oldest", "error"]), default="rolling", show_default=True,
               help="When the conversation fills the context: hide the oldest turns down to half of it (rolling), "
                    "as few as fit (drop_oldest), or refuse the message (error).")  # fmt: skip
 @click.option("--load", "load_file", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="Continue a conversation saved with /save.")  # fmt: skip
+              help="Continue a conversation saved with /save (its instructions come with it).")  # fmt: skip
 @memory_options("the longest conversation")
 @adapter_option
 @download_option
@@ -105,6 +130,10 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
          temp: float, top_p: float, top_k: int, min_p: float, seed: int | None, context_policy: str,
          load_file: str | None, memory_budget: str | None, context: int, adapter: str | None) -> None:  # fmt: skip
     """Chat in the terminal: streaming answers, reasoning dimmed, /help for commands and keys."""
+    ctx = click.get_current_context()
+    refuse_ignored(ctx, {"instructions": (load_file is not None, "has no effect with --load: the saved conversation "
+                                                                 "carries its own instructions")})  # fmt: skip
+    require_stdout()  # before the model loads: the chat would answer into nothing
     import mlx.core as mx
 
     from mlx_gptoss.api import load
@@ -122,17 +151,26 @@ def chat(model: str, instructions: str | None, reasoning_effort: str, hide_reaso
             click.echo(f"({why} {n_ctx} tokens: replies up to {max_tokens} tokens; --max-tokens to change)", err=True)
         defaults = {"max_tokens": max_tokens, "temperature": temp, "top_p": top_p, "top_k": top_k, "min_p": min_p,
                     "context_policy": context_policy}  # fmt: skip
-        if load_file:
-            session = ChatSession.from_json(lm, Path(load_file).read_text(), **defaults)
-        else:
+        if not load_file:
             session = ChatSession(lm, instructions=instructions, reasoning_effort=reasoning_effort, **defaults)
     except (ValueError, OSError, TokenizerError) as e:
         raise Fail(str(e)) from None
+    if load_file:
+        try:
+            session = ChatSession.from_json(lm, Path(load_file).read_text(), **defaults)
+        except OSError as e:
+            raise Fail(f"{load_file}: cannot read it ({e.strerror or e})") from None
+        except ValueError as e:  # not a conversation this model can be given: named with the file
+            raise Fail(f"{load_file}: {e}") from None
+        except RecursionError:  # json's decoder recurses once per nesting level (should from_json let it through)
+            raise Fail(f"{load_file}: not a saved conversation: it is nested too deeply") from None
+        if given(ctx, "reasoning_effort"):  # the saved effort, unless the command line names one
+            session.reasoning_effort = reasoning_effort
     if seed is not None:
         mx.random.seed(seed)
     save_history = enable_history() if sys.stdin.isatty() else None  # readline only for a person at a terminal
     try:
-        Repl(session, show_reasoning=not hide_reasoning).run()
+        Repl(session, show_reasoning=not hide_reasoning, adapter=adapter, loaded=load_file).run()
     finally:
         if save_history is not None:
             save_history()

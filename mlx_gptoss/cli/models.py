@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import Fail, progress_option, shard_size_option
+from .common import Fail, progress_option, refuse_ignored, shard_size_option
 
 
 @click.command()
@@ -76,6 +76,9 @@ def list_() -> None:
     from mlx_gptoss.models import list_models, models_root
 
     models = list_models()
+    for m in models:
+        if m.problem is not None:  # listed all the same: one damaged folder hides no other model
+            click.echo(f"warning: {m.path}: {m.problem}", err=True)
     if not models:
         click.echo(f"no converted models in {models_root()}", err=True)
         return
@@ -89,11 +92,16 @@ def list_() -> None:
 @click.argument("name")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(name: str, yes: bool) -> None:
-    """Delete the converted model NAME (as `mlx-gptoss list` shows it) from the cache."""
-    from mlx_gptoss.models import find_model, remove_model
+    """Delete the converted model NAME (as `mlx-gptoss list` shows it) from the cache.
+
+    Only a folder holding nothing but what a conversion writes is deleted (the rule of convert
+    --force): move your own files (notes, adapters) out of it first.
+    """
+    from mlx_gptoss.models import check_removable, find_model, remove_model
 
     try:
         path = find_model(name)
+        check_removable(path)  # before asking: a folder that would be refused is not worth a question
         if not yes:
             if not sys.stdin.isatty():
                 raise ValueError(f"{path}: not removed; confirm with --yes (no terminal to ask on)")
@@ -119,6 +127,8 @@ def export(model: str, dst: str, fmt: str, dequantize: bool, force: bool, shard_
     The MXFP4 experts leave bit-exact in both; an hf export of a model converted without
     quantizing other layers is the release, tensor for tensor.
     """
+    refuse_ignored(click.get_current_context(), {"dequantize": (fmt != "hf", "is for --format hf: an mlx-lm export keeps "
+                                                                            "quantized layers as they are stored")})  # fmt: skip
     from mlx_gptoss.memory import parse_size
     from mlx_gptoss.models import resolve_model
     from mlx_gptoss_convert import ConversionError

@@ -6,6 +6,8 @@ import click
 
 from .common import Fail
 
+MAX_VOCAB = 2**20  # a "tiny" model's embedding stays under a few hundred MB (the release's vocabulary: 201,088)
+
 
 @click.group()
 def testing() -> None:
@@ -24,10 +26,13 @@ def testing() -> None:
               help="Rig the weights so greedy decoding answers this, whatever the prompt (plain text, or harmony).")  # fmt: skip
 def tiny_model(dst: str, layout: str, vocab: str, layers: int, seed: int, reply: str | None) -> None:
     """Write a tiny random gpt-oss model (a few MB, loads in a second) into DST."""
+    from mlx_gptoss.options import OptionError, check_number
     from mlx_gptoss.testing import tiny_model as write
 
     try:
-        size: str | int = "real" if vocab == "real" else int(vocab)
+        size: str | int = "real" if vocab == "real" else check_number("--vocab", int(vocab), integer=True, min=2, max=MAX_VOCAB)
+    except OptionError as e:  # before anything is allocated
+        raise Fail(f'{e} (or "real")') from None
     except ValueError:
         raise Fail(f'--vocab: expected "real" or a number, got {vocab!r}') from None
     try:
