@@ -1,4 +1,5 @@
-"""mlx-lm adapter folders read into ours, against mlx-lm's own LoRA on the same tiny release (float32).
+"""mlx-lm adapter folders read into ours, and ours written for mlx-lm, against mlx-lm's own LoRA on the
+same tiny release (float32).
 
 mlx-lm rounds YaRN's correction range and the release does not (see tests/test_parity.py), so the
 logits of the two engines differ past position 0 for the usual rope scaling. Here the release uses
@@ -17,7 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_gptoss
 from mlx_gptoss.config import GptOssConfig, YarnScaling
-from mlx_gptoss.lora.adapters import LoRAError, apply_lora, remove_lora, set_lora_parameters
+from mlx_gptoss.lora.adapters import LoRAError, LoRASpec, apply_lora, lora_parameters, remove_lora, set_lora_parameters
 from mlx_gptoss.lora.formats import detect_adapter_format, read_adapter
 from mlx_gptoss.testing import write_release
 from mlx_gptoss_convert import convert
@@ -137,3 +138,32 @@ def test_mlxlm_adapter_for_another_model_is_refused(release, base, tmp_path):
         LoRAError, match=r"adapters.safetensors: model.layers.3.self_attn.o_proj: .*expected \[128, r\] and \[r, 64\]"
     ):
         read_adapter(tmp_path / "a", base[0])
+
+
+@pytest.mark.parametrize("layers", [None, (2, 3), (0, 2)], ids=["all", "last2", "0,2"])
+def test_our_adapter_written_for_mlxlm_gives_our_logits_in_mlxlm(layers, release, base, tmp_path):
+    """export_mlxlm's folder, read by mlx-lm's own load_adapters, computes what our model computes;
+    read back by us it is the same adapter (gate and up share our A, so the rank stays r)."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    from mlx_gptoss.lora.formats import export_mlxlm
+
+    model, plain = base
+    remove_lora(model)
+    spec = LoRASpec(rank=3, alpha=5.0, targets=("attention", "router", "experts"), layers=layers, rslora=True)
+    apply_lora(model, spec, seed=0)
+    rng = np.random.default_rng(8)
+    set_lora_parameters(
+        model, {k: mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)) for k, v in lora_parameters(model).items()}
+    )
+    ours = np.array(model(IDS))
+    dst = export_mlxlm(model, tmp_path / "mlxlm", spec=spec)
+    assert detect_adapter_format(dst) == "mlx-lm"
+    theirs = np.array(load_adapters(mlxlm_model(release[0]), str(dst))(IDS))
+    assert relative_error(plain, ours) > 1e-2  # the adapter changes the logits
+    assert relative_error(theirs, ours) <= BOUND
+    spec2, flat2 = read_adapter(dst, model)
+    assert (spec2.rank, spec2.layers, spec2.targets, spec2.scale) == (3, layers, spec.targets, pytest.approx(spec.scale))
+    for k, v in lora_parameters(model).items():
+        np.testing.assert_array_equal(np.array(flat2[k]), np.array(v), err_msg=k)
+    remove_lora(model)

@@ -218,3 +218,34 @@ def test_a_folder_of_no_known_tool_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"some": "thing"}')
     with pytest.raises(LoRAError, match="not an adapter config this library reads"):
         detect_adapter_format(tmp_path)
+
+
+AGREE = {
+    "names": dict(target_modules=["q_proj"]),
+    "layers": dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+    "one layer": dict(target_modules=["o_proj"], layers_to_transform=2),
+    "pattern": dict(target_modules=ATTN, layers_to_transform=[0, 3], layers_pattern="layers"),
+    "other pattern": dict(target_modules=ATTN, layers_to_transform=[0], layers_pattern="blocks"),
+    "exclude": dict(target_modules=ATTN, exclude_modules=["q_proj"]),
+    "exclude regex": dict(target_modules=ATTN, exclude_modules=r".*layers\.2\..*"),
+    "regex": dict(target_modules=r".*\.layers\.[01]\.self_attn\.(q|k)_proj"),
+    "full name": dict(target_modules=["model.layers.1.self_attn.o_proj", "k_proj"], layers_to_transform=[0]),
+    "parameters only": dict(target_parameters=["mlp.router.weight"]),
+}
+
+
+@pytest.mark.parametrize("case", AGREE)
+def test_peft_target_rules_match_peft(case):
+    """Which attention tensors a PEFT config allows is what PEFT itself decides (check_target_module_exists)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from mlx_gptoss.lora.formats import _peft_refusal
+
+    config = AGREE[case]
+    peft_config = peft.LoraConfig(**config)
+    keys = [f"model.layers.{i}.self_attn.{p}" for i in range(CFG.num_hidden_layers) for p in ATTN]
+    theirs = [bool(check_target_module_exists(peft_config, k)) for k in keys]
+    ours = [_peft_refusal(config, k, config.get("target_parameters") or []) is None for k in keys]
+    assert ours == theirs, list(zip(keys, ours, theirs))
+    # each case allows some keys and refuses others, but the two that refuse every attention module
+    assert any(theirs) != all(theirs) or (case in ("other pattern", "parameters only") and not any(theirs))

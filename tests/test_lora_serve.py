@@ -180,7 +180,10 @@ def test_fuse_of_a_small_update_into_8bit_never_adds_error_beyond_it(releases, t
     # than the update itself); codes on the base's own grid round the update only
     base = convert(releases["hf"], tmp_path / "q8", quantization={"attention": QuantSpec("affine", 8, 64)})
     _, ad = make_adapter(base, tmp_path / "ad", ("attention",), std=0.003)
-    report = fuse(base, ad, tmp_path / "fused", check_tokens=0, verbose=False)
+    with pytest.raises(fuse_mod.UpdateLostError, match="stored quantized") as e:  # most of it is lost: refused unless allowed
+        fuse(base, ad, tmp_path / "fused", check_tokens=0, verbose=False)
+    assert "float32" not in str(e.value)  # --dtype changes float weights only: no use for 8-bit attention
+    report = fuse(base, ad, tmp_path / "fused", check_tokens=0, verbose=False, allow_loss=True)
     assert 0 < report.update_lost <= 1.0 + 1e-4 and report.kl_mean is None  # 24x the update when W was re-rounded
     src, out = mlx_gptoss.load(base, dtype=mx.float32), mlx_gptoss.load(tmp_path / "fused", dtype=mx.float32)
     a, b = src.layers[0].self_attn.qkv, out.layers[0].self_attn.qkv

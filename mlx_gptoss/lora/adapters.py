@@ -15,17 +15,21 @@ parameters are float32 whatever the model's dtype; their update is cast to the b
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..kernels import ExpertsDelta
+from ..options import OptionError, check_number
 
 TARGETS = ("attention", "router", "experts")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the scale multiplies float32 adapters: beyond this it is inf
 
 
 class LoRAError(ValueError):
@@ -37,12 +41,14 @@ class LoRASpec:
     """What to adapt and how.
 
     Args:
-        rank: r, the rank of every update.
-        alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
+        rank: r, the rank of every update: an integer >= 1, and at most the smaller side of the
+            largest matrix it adapts (:func:`apply_lora` refuses more: no update could use it).
+        alpha: the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora``); a finite
+            number > 0 (at most float32's largest).
         targets: any of "attention" (q, k, v, o), "router", "experts" (each expert's gate_up and down).
         layers: indices of the adapted layers; None = all (see :func:`last_layers`).
         rslora: rank-stabilised scaling.
-        dropout: dropout on the adapters' input while training (``model.train()``); attention and
+        dropout: dropout on the adapters' input while training (``model.train()``), in [0, 1); attention and
             router only. Expert adapters refuse it: the routed experts' update runs inside the MoE
             kernels' path, and PEFT's expert adapters (``target_parameters``) have none either.
     """
@@ -55,15 +61,8 @@ class LoRASpec:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise LoRAError(f"rank must be a positive integer, got {self.rank!r}")
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, (int, float))
-            or not math.isfinite(self.alpha)
-            or self.alpha <= 0
-        ):
-            raise LoRAError(f"alpha must be a positive number, got {self.alpha!r}")
+        object.__setattr__(self, "rank", int(_number("rank", self.rank, integer=True, min=1)))
+        object.__setattr__(self, "alpha", float(_number("alpha", self.alpha, min=0, min_open=True, max=_FLOAT32_MAX)))
         targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
         bad = [t for t in targets if t not in TARGETS]
         if bad or not targets or len(set(targets)) != len(targets):
@@ -71,15 +70,14 @@ class LoRASpec:
         object.__setattr__(self, "targets", tuple(t for t in TARGETS if t in targets))  # canonical order
         if self.layers is not None:
             layers = tuple(self.layers)
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers) or len(set(layers)) != len(
-                layers
-            ):
+            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in layers) or len(
+                set(layers)
+            ) != len(layers):
                 raise LoRAError(f"layers must be distinct non-negative integers (or None for all), got {self.layers!r}")
-            object.__setattr__(self, "layers", tuple(sorted(layers)))
+            object.__setattr__(self, "layers", tuple(sorted(int(i) for i in layers)))
         if not isinstance(self.rslora, bool):
             raise LoRAError(f"rslora must be true or false, got {self.rslora!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise LoRAError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(_number("dropout", self.dropout, min=0, max=1, max_open=True)))
         if self.dropout and "experts" in self.targets:
             raise LoRAError("dropout is not supported on expert adapters; use dropout=0.0 or leave out 'experts'")
 
@@ -109,6 +107,14 @@ class LoRASpec:
         if out:
             raise LoRAError(f"layers {out} do not exist: the model has {num_layers} layers (0..{num_layers - 1})")
         return list(self.layers)
+
+
+def _number(name: str, value: Any, **bounds: Any) -> int | float:
+    """:func:`~mlx_gptoss.options.check_number`, its refusal a LoRAError (what callers of this package catch)."""
+    try:
+        return check_number(name, value, **bounds)
+    except OptionError as e:
+        raise LoRAError(str(e)) from None
 
 
 def last_layers(n: int, num_layers: int) -> tuple[int, ...]:
@@ -209,14 +215,16 @@ def apply_lora(model: nn.Module, spec: LoRASpec, *, seed: int | None = None) -> 
     """Freeze the model and add zero-B adapters (random A) as ``spec`` says; only they train.
 
     The model's logits are unchanged until B is trained or loaded. Leaves the model in eval
-    mode (dropout off); a training loop calls ``model.train()``. Raises :class:`LoRAError` if the
-    model already has adapters or a layer does not exist. Streamed experts (a memory budget) take
+    mode (dropout off); a training loop calls ``model.train()``. Raises :class:`LoRAError`, before
+    anything is allocated, if the model already has adapters, a layer does not exist or the rank
+    is more than any adapted matrix can use (B A has rank at most min(out, in)). Streamed experts (a memory budget) take
     expert adapters too: :class:`~mlx_gptoss.streaming.StreamedMoE` has the same seam.
     """
     if lora_parameters(model):
         raise LoRAError("the model already has adapters; call remove_lora(model) first")
     cfg = model.config
     ids = spec.layer_ids(cfg.num_hidden_layers)
+    _check_rank(spec, cfg)  # before anything is allocated: an absurd rank would exhaust memory
     if "experts" in spec.targets:
         # an MLP without the seam would carry the adapter and silently never apply it
         unseamed = [i for i in ids if not hasattr(model.layers[i].mlp, "experts_lora")]
@@ -245,6 +253,30 @@ def apply_lora(model: nn.Module, spec: LoRASpec, *, seed: int | None = None) -> 
         if "experts" in spec.targets:
             mlp.experts_lora = ExpertsLoRA(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size, r, s)
     model.eval()
+
+
+def adapted_shapes(cfg: Any, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """[out, in] of each matrix the ``targets`` adapt, by module name (per layer; per expert for the experts)."""
+    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {
+        "attention": {"self_attn.q_proj": (q, H), "self_attn.k_proj": (kv, H), "self_attn.v_proj": (kv, H),
+                      "self_attn.o_proj": (H, q)},
+        "router": {"mlp.router": (E, H)},
+        "experts": {"mlp.experts_lora.gate_up": (2 * I, H), "mlp.experts_lora.down": (H, I)},
+    }  # fmt: skip
+    return {name: shape for t in targets for name, shape in shapes[t].items()}
+
+
+def _check_rank(spec: LoRASpec, cfg: Any) -> None:
+    """Refuse a rank no adapted matrix can use: B A has rank at most min(out, in)."""
+    shapes = adapted_shapes(cfg, spec.targets)
+    name, (d_out, d_in) = max(shapes.items(), key=lambda kv: min(kv[1]))
+    if spec.rank > min(d_out, d_in):
+        raise LoRAError(
+            f"rank {spec.rank} is more than any adapted matrix can use: the largest is {name} [{d_out}, {d_in}], "
+            f"whose update has rank at most {min(d_out, d_in)}; a larger rank only costs memory (use rank <= {min(d_out, d_in)})"
+        )
 
 
 def remove_lora(model: nn.Module) -> None:

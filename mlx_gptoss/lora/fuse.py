@@ -16,8 +16,10 @@ is refused with the size it would have had.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,15 +33,17 @@ from mlx_gptoss_convert.destination import SPACE_MARGIN, check_no_overlap, claim
 from mlx_gptoss_convert.vocab import TIKTOKEN_FILE
 
 from ..config import read_json
-from ..converted import INDEX, shard_files
+from ..converted import INDEX, read_config, shard_files
 from ..loader import load
 from ..models import resolve_model
+from ..options import OptionError, check_number, check_seed
 from ..safetensors_io import read_header
 from ..version import __version__
-from .adapters import LoRAFusedLinear, LoRALinear, LoRASpec, remove_lora
-from .io import load_adapter
+from .adapters import LoRAFusedLinear, LoRALinear, LoRASpec, lora_parameters, remove_lora
+from .files import FUSE_RECORD as FUSE_RECORD
+from .io import adapter_identity, fused_adapters, load_adapter
 
-FUSE_RECORD = "fused_adapter.json"  # beside the fused weights: which adapter, and the fuse report
+LOSS_LIMIT = 0.5  # above this part of the update lost to the stored precision, a fuse is refused unless allowed
 _NUMPY = {"BF16": np.uint16, "F16": np.float16, "F32": np.float32, "U32": np.uint32, "U8": np.uint8}
 _MX = {"BF16": mx.bfloat16, "F16": mx.float16, "F32": mx.float32, "U32": mx.uint32, "U8": mx.uint8}
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -138,13 +142,16 @@ def fuse(
     dtype: str | None = None,
     check_tokens: int = 64,
     seed: int = 0,
+    allow_loss: bool = False,
     verbose: bool = True,
+    names: Mapping[str, str] | None = None,
 ) -> FuseReport:
     """Merge the attention and router adapters of ``adapter_dir`` into a new checkpoint ``out``.
 
     Args:
         model_path: the converted base model (a folder or a repo id converted once).
-        adapter_dir: an adapter folder (ours, PEFT or mlx-lm) trained on that base.
+        adapter_dir: an adapter folder (ours, PEFT or mlx-lm) trained on that base; refused when
+            the model already holds it fused (its ``fused_adapter.json`` lists it).
         out: a new folder (refused if it exists or overlaps the model or the adapter). Written
             into a hidden sibling and renamed into place when complete.
         experts_bf16: fuse expert adapters into dense bf16 experts. The model runs MXFP4 experts
@@ -154,24 +161,42 @@ def fuse(
             the update is rounded to bf16), or "float32"/"bfloat16"/"float16". Quantized weights
             stay in their format: new codes on the base's own scales (affine 2/4/8-bit) or a
             fresh quantization, whichever is nearer W + ΔW.
-        check_tokens: length of the random sample the KL check runs (0 skips it).
+        check_tokens: length of the random sample the KL check runs (0 skips it); at most the
+            model's context, and refused when its [check_tokens, vocab] float32 log-probabilities
+            and attention scores would not fit in half the machine's memory.
+        seed: the random sample's seed (-1: a random one).
+        allow_loss: write the fused model even when the stored precision loses more than
+            :data:`LOSS_LIMIT` of the update (with a warning); by default that is
+            :class:`UpdateLostError` and nothing is written.
+        names: how errors spell the options (the CLI passes its flags, e.g. ``{"dtype": "--dtype"}``).
 
     Returns a :class:`FuseReport` (also printed to stderr when ``verbose``). Raises
-    :class:`FuseError` / :class:`LoRAError` (both ValueErrors) before anything is written.
+    :class:`FuseError` / :class:`LoRAError` (both ValueErrors) with nothing written: every check
+    runs before the output is claimed, and a failure while writing removes the partial folder and
+    releases the lock.
     """
+    say = {k: names.get(k, k) if names else k for k in _OPTIONS}
     if dtype is not None and dtype not in _DTYPES:
-        raise FuseError(f"dtype must be one of {', '.join(_DTYPES)} (or None for the base's), got {dtype!r}")
-    if isinstance(check_tokens, bool) or not isinstance(check_tokens, int) or check_tokens < 0:
-        raise FuseError(f"check_tokens must be an integer >= 0, got {check_tokens!r}")
+        raise FuseError(f"{say['dtype']} must be one of {', '.join(_DTYPES)} (or None for the base's), got {dtype!r}")
+    for name, flag in (("experts_bf16", experts_bf16), ("allow_loss", allow_loss), ("verbose", verbose)):
+        if not isinstance(flag, bool):
+            raise FuseError(f"{say.get(name, name)} must be true or false; got {flag!r}")
+    try:
+        check_tokens = int(check_number(say["check_tokens"], check_tokens, integer=True, min=0))
+        seed = check_seed(say["seed"], seed)
+    except OptionError as e:
+        raise FuseError(str(e)) from None
     src, adapter_dir, given = resolve_model(model_path), Path(adapter_dir).expanduser(), out
     out = destination(out)
     if out.exists() or out.is_symlink():
         raise FuseError(f"{given}: already exists; fuse writes a new folder (choose another name)")
     check_no_overlap([src, adapter_dir], out)
+    _check_sample(read_config(src), src, check_tokens, say)  # before anything loads: its memory is the model's rival
     model = load(src, dtype=mx.float32)
-    spec = load_adapter(model, adapter_dir)
+    spec = load_adapter(model, adapter_dir)  # refuses an adapter this model already holds fused
     if "experts" in spec.targets:
         raise FuseError(_experts_refusal(model, spec, src, adapter_dir, experts_bf16))
+    ident = adapter_identity(spec, lora_parameters(model))
     infos = {}
     for f in shard_files(src):
         infos[f] = sorted(read_header(f)[0].values(), key=lambda i: i.begin)
@@ -179,24 +204,95 @@ def fuse(
     merged_names = {n for names in modules.values() for n in names[1]}
     total = sum(i.nbytes for v in infos.values() for i in v)
     report = FuseReport(out, sorted(merged_names), check_tokens=check_tokens)
+    record = {"adapter": str(adapter_dir), "adapter_id": ident, "base": str(src), "spec": spec.to_dict(),
+              "fused_adapters": [*fused_adapters(src), {"adapter": str(adapter_dir), "adapter_id": ident}]}  # fmt: skip
 
     def exists() -> None:  # another run may have finished meanwhile
         raise FuseError(f"{given}: already exists; fuse writes a new folder (choose another name)")
 
-    # convert's destination handling: signals, the lock, stale partials, free space, one rename
+    # convert's destination handling: signals, the lock, stale partials, free space, one rename;
+    # any error inside removes the partial folder and releases the lock
     with claimed(out, total + SPACE_MARGIN, exists, "fuse"), staged(out) as tmp:
         _write_shards(tmp, infos, modules, dtype, report)
+        quantized = any("scales" in m.base for p, (m, _) in modules.items() if f"{p}.weight" == report.worst_tensor)
+        if report.update_lost > LOSS_LIMIT and not allow_loss:
+            raise UpdateLostError(report, dtype, quantized, adapter_dir, say)
         _write_metadata(src, tmp, adapter_dir, spec, infos)
         ref = _reference(model, check_tokens, seed, report) if check_tokens else None
         del model, modules  # the fused model loads next: never both in memory
         mx.clear_cache()
         if ref is not None:
             _kl_check(tmp, *ref, report)
-        (tmp / FUSE_RECORD).write_text(json.dumps({"adapter": str(adapter_dir), "base": str(src),
-                                                   "spec": spec.to_dict(), "report": report.to_dict()}, indent=2) + "\n")  # fmt: skip
+        (tmp / FUSE_RECORD).write_text(json.dumps({**record, "report": report.to_dict()}, indent=2) + "\n")
     if verbose:
         print(report.summary(), file=sys.stderr)
+        if report.update_lost > LOSS_LIMIT:
+            print(f"warning: {out} lost {report.update_lost:.1%} of the adapter's update to the stored precision "
+                  f"(worst: {report.worst_tensor}): it behaves nearer the base model than the adapted one; "
+                  f"{_remedy(dtype, quantized, adapter_dir, say)}", file=sys.stderr)  # fmt: skip
     return report
+
+
+_OPTIONS = ("dtype", "check_tokens", "seed", "allow_loss", "experts_bf16", "verbose")
+
+
+def _spell(say: Mapping[str, str], key: str, value: Any) -> str:
+    """An option with a value as the caller writes it: ``--dtype float32`` or ``dtype='float32'``; a flag alone when True."""
+    name = say[key]
+    if name.startswith("-"):
+        return name if value is True else f"{name} {value}"
+    return f"{name}={value!r}"
+
+
+def _remedy(dtype: str | None, quantized: bool, adapter_dir: Path, say: Mapping[str, str]) -> str:
+    """What to do instead of a fuse that loses the update: keep it in float32 (float weights only), or serve it unfused."""
+    unfused = f"serve the adapter unfused: load(..., adapter={str(adapter_dir)!r}) or --adapter {adapter_dir}"
+    if quantized:  # --dtype changes float weights only: quantized ones keep their format
+        return f"the worst tensor is stored quantized, which {say['dtype']} does not change; {unfused}"
+    if dtype == "float32":
+        return unfused
+    return f"fuse with {_spell(say, 'dtype', 'float32')} to keep the update whole (twice the merged tensors' size), or {unfused}"
+
+
+class UpdateLostError(FuseError):
+    """The stored precision would lose more than :data:`LOSS_LIMIT` of the update: nothing was written.
+
+    ``lost`` (a fraction) and ``worst`` (the tensor that lost most) say how much and where.
+    """
+
+    def __init__(self, report: FuseReport, dtype: str | None, quantized: bool, adapter_dir: Path, say: Mapping[str, str]):
+        self.lost, self.worst = report.update_lost, report.worst_tensor
+        stored = f"as {dtype}" if dtype else "at the base's precision"
+        super().__init__(
+            f"{report.out}: storing the merged weights {stored} would lose {self.lost:.1%} of the adapter's update "
+            f"(worst: {self.worst}), more than {LOSS_LIMIT:.0%}, so the fused model would behave nearer the base than "
+            f"the adapted one; nothing was written — {_remedy(dtype, quantized, adapter_dir, say)}; "
+            f"{_spell(say, 'allow_loss', True)} writes it anyway"
+        )
+
+
+def _memory_limit() -> int:
+    """Bytes the KL check may take: half the memory MLX can use (a GPU's working set, else the RAM)."""
+    info = mx.device_info()
+    total = int(info.get("max_recommended_working_set_size") or info.get("total_memory") or 0)
+    return (total or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+
+
+def _check_sample(cfg: Any, src: Path, n: int, say: Mapping[str, str]) -> None:
+    """Refuse a KL sample beyond the model's context or too large for memory (MLX crashes, it does not raise)."""
+    what = _spell(say, "check_tokens", n)
+    if n > cfg.max_position_embeddings:
+        raise FuseError(f"{what} exceeds the model's context of {cfg.max_position_embeddings} tokens "
+                        f"(max_position_embeddings in {src / 'config.json'}); use a smaller {say['check_tokens']} "
+                        "(64 is the default, 0 skips the check)")  # fmt: skip
+    # [n, vocab] float32: the unfused logits, their log-probabilities kept, the fused ones and theirs;
+    # one layer's attention scores and their softmax, [heads, n, n] float32
+    need = 4 * n * cfg.vocab_size * 4 + 2 * cfg.num_attention_heads * n * n * 4
+    limit = _memory_limit()
+    if need > limit:
+        raise FuseError(f"{what}: the KL check would hold about {need / 1e9:.2f} GB ([{n}, {cfg.vocab_size}] float32 "
+                        f"log-probabilities and [{cfg.num_attention_heads}, {n}, {n}] attention scores), more than the "
+                        f"{limit / 1e9:.2f} GB it may use here (half the memory); use a smaller {say['check_tokens']}")  # fmt: skip
 
 
 def _update(module: Any) -> mx.array:
@@ -315,7 +411,9 @@ def _reference(unfused: Any, n: int, seed: int, report: FuseReport) -> tuple[mx.
 
 
 def _kl(ref: mx.array, got: mx.array) -> mx.array:
-    return (mx.exp(ref) * (ref - got)).sum(axis=-1)
+    """KL(ref ‖ got) per position from log-probabilities; >= 0 (float32 rounding of two equal
+    distributions' sum would otherwise go a few 1e-7 below zero)."""
+    return mx.maximum((mx.exp(ref) * (ref - got)).sum(axis=-1), 0.0)
 
 
 def _kl_check(fused_dir: Path, ids: mx.array, ref: mx.array, report: FuseReport) -> None:
@@ -336,17 +434,29 @@ def _experts_refusal(model: Any, spec: LoRASpec, src: Path, adapter_dir: Path, e
                 f"{mxfp4 / 1e9:.2f} GB to {dense / 1e9:.2f} GB, but this version of mlx-gptoss runs MXFP4 experts "
                 f"only (the converter quantizes dense experts to MXFP4 too), so such a checkpoint could not be "
                 f"loaded; {serve}")  # fmt: skip
-    i = layers[0]
-    lora, g = model.layers[i].mlp.experts_lora, model.layers[i].mlp.gate_up
-    a, b = lora.gate_up.lora_a, lora.gate_up.lora_b
-    # ‖B_e A_e‖² = trace(BᵀB · AAᵀ): each expert's update size without forming it
-    norms = mx.sum((b.swapaxes(1, 2) @ b) * (a @ a.swapaxes(1, 2)), axis=(1, 2))
-    e = int(mx.argmax(norms).item())
-    delta = lora.scale * (b[e] @ a[e])
-    lost, kept_scales = (mxfp4_update_loss(g.weight[e], g.scales[e], delta, keep_scales=k) for k in (False, True))
-    return (f"{adapter_dir}: the adapter trains the experts (layers {', '.join(map(str, layers))}); re-quantizing "
-            f"them into MXFP4 would lose {lost:.1%} of the update ({kept_scales:.1%} even keeping the base's scales; "
-            f"measured on layer {i}, expert {e}'s gate_up, its largest update), so expert adapters are not fused; {serve}")  # fmt: skip
+    # the largest expert update of any layer and part: where a number means something (a part the
+    # adapter leaves at zero, e.g. PEFT's down_proj alone, has no update to lose)
+    best = (0.0, layers[0], "gate_up", 0)
+    for i in layers:
+        lora = model.layers[i].mlp.experts_lora
+        for part in ("gate_up", "down"):
+            a, b = getattr(lora, part).lora_a, getattr(lora, part).lora_b
+            # ‖B_e A_e‖² = trace(BᵀB · AAᵀ): each expert's update size without forming it
+            norms = mx.sum((b.swapaxes(1, 2) @ b) * (a @ a.swapaxes(1, 2)), axis=(1, 2))
+            e = int(mx.argmax(norms).item())
+            if norms[e].item() > best[0]:
+                best = (norms[e].item(), i, part, e)
+    norm, i, part, e = best
+    trained = f"{adapter_dir}: the adapter trains the experts (layers {', '.join(map(str, layers))})"
+    if norm == 0:
+        return (f"{trained}, but its expert update is zero everywhere (nothing MXFP4 could lose); expert adapters "
+                f"are not fused — {serve}, or train without 'experts'")  # fmt: skip
+    lora, base = model.layers[i].mlp.experts_lora, getattr(model.layers[i].mlp, part)
+    delta = lora.scale * (getattr(lora, part).lora_b[e] @ getattr(lora, part).lora_a[e])
+    lost, kept_scales = (mxfp4_update_loss(base.weight[e], base.scales[e], delta, keep_scales=k) for k in (False, True))
+    return (f"{trained}; re-quantizing them into MXFP4 would lose {lost:.1%} of the update ({kept_scales:.1%} even "
+            f"keeping the base's scales; measured on layer {i}, expert {e}'s {part}, its largest update), so expert "
+            f"adapters are not fused; {serve}")  # fmt: skip
 
 
 def _log_softmax(logits: mx.array) -> mx.array:
