@@ -267,3 +267,79 @@ def test_thousands_of_lines_load_quickly(tmp_path, enc):
     ds = load_dataset(path, enc)
     assert len(ds.examples) == 1500
     assert time.perf_counter() - t0 < 30  # 4 turns a line, two renders a turn (measured ~4 s on 2 shared cores)
+
+
+# -- lines that must be refused, named by file:line (and field) ----------------------------------
+
+
+def test_deeply_nested_line_is_a_data_error_naming_file_and_line(tmp_path, enc):
+    deep = "[" * 100_000 + "]" * 100_000  # json.loads raised RecursionError
+    path = write(tmp_path, {"text": "fine"}, '{"messages": ' + deep + "}")
+    with pytest.raises(DataError, match=f"^{path}:2: .*nested too deeply"):
+        load_dataset(path, enc)
+
+
+@pytest.mark.parametrize(
+    "line,keys",
+    [
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "prompt": "p",
+          "completion": "c", "text": "t"}, "completion, messages, prompt, text"),
+        ({"prompt": "p", "completion": "c", "text": "t"}, "completion, prompt, text"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "text": "t"},
+         "messages, text"),
+        ({"prompt": "p", "text": "t"}, "prompt, text"),
+    ],
+)  # fmt: skip
+def test_line_in_two_formats_at_once_is_refused_naming_the_keys(tmp_path, enc, line, keys):
+    path = write(tmp_path, {"prompt": "fine", "completion": "ok"}, line)
+    with pytest.raises(DataError) as err:
+        load_dataset(path, enc)
+    assert str(err.value).startswith(f"{path}:2: ") and keys in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    "line,field",
+    [
+        ('{"prompt": "bad \\ud800 here", "completion": "4"}', "field prompt"),
+        ('{"text": "a \\udfff b"}', "field text"),
+        ('{"messages": [{"role": "user", "content": "hi \\ud83d"}, {"role": "assistant", "content": "ok"}]}',
+         "field messages[0].content"),
+        ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok", "thinking": "\\udc00"}]}',
+         "field messages[1].thinking"),
+    ],
+)  # fmt: skip
+def test_lone_surrogate_is_refused_naming_file_line_and_field(tmp_path, enc, line, field):
+    path = write(tmp_path, {"prompt": "fine", "completion": "ok"}, line)
+    with pytest.raises(DataError) as err:
+        load_dataset(path, enc)
+    assert str(err.value).startswith(f"{path}:2: {field}") and "surrogate" in str(err.value), str(err.value)
+    # a surrogate pair written as two escapes is one valid character
+    ok = write(tmp_path, {"prompt": "fine \U0001f600", "completion": "ok"}, '{"prompt": "\\ud83d\\ude00", "completion": "x"}')
+    assert len(load_dataset(ok, enc).examples) == 2
+
+
+def test_dataset_records_its_file_hash_and_options(tmp_path, enc):
+    import hashlib
+
+    from mlx_gptoss.lora.data import fingerprint
+
+    path = write(
+        tmp_path, {"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "thinking": "t", "content": "c"}]}
+    )
+    ds = load_dataset(path, enc, train_on="assistant", max_seq_len=300, overflow="truncate")
+    assert ds.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (ds.train_on, ds.max_seq_len, ds.overflow) == ("assistant", 300, "truncate")
+    assert fingerprint(ds.examples) == fingerprint(load_dataset(path, enc, train_on="assistant").examples)
+    assert fingerprint(ds.examples) != fingerprint(load_dataset(path, enc).examples)  # other targets
+
+
+@pytest.mark.parametrize("line,field", [({"prompt": "a" * 200_000, "completion": "ok"}, "field prompt"),
+                                        ({"text": "x " + "=" * 100_000}, "field text")])  # fmt: skip
+def test_text_too_costly_to_tokenize_is_refused_naming_file_line_and_field(tmp_path, enc, line, field):
+    # openai-harmony's BPE is quadratic in a run without a break: 200k "a" took tens of seconds
+    path = write(tmp_path, {"prompt": "fine", "completion": "ok"}, line)
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_dataset(path, enc)
+    assert time.perf_counter() - t0 < 5
+    assert str(err.value).startswith(f"{path}:2 ") and field in str(err.value) and "tokenize" in str(err.value), str(err.value)

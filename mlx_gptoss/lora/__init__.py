@@ -41,15 +41,26 @@ version, the LoRASpec, and the base model's fingerprint; an adapter for another 
     base_fingerprint(model_or_converted_folder) -> "sha256:..."   # arch fields + routers + sinks
     save_adapter(model, spec, dst, *, base_fingerprint, base_name=None, extra=None) -> dst  # atomic
     load_adapter(model, src) -> LoRASpec   # checks everything, applies; errors are LoRAError
-    (PEFT and mlx-lm folders are recognised and read too: ``formats.py``.)
+    export_adapter(src, dst, *, fmt="peft"|"mlx-lm", model=None, force=False) -> dst
+    adapter_identity(spec, flat) -> "sha256:..."   # the same adapter in any format or folder
+    fused_adapters(model_dir) -> ...               # what was fused into a model: refused again
+    (PEFT and mlx-lm folders are recognised and read too: ``formats.py``, which also writes them:
+    ``export_peft``, ``export_mlxlm`` (``to_peft``/``to_mlxlm`` for the tensors); an export never
+    replaces a folder it did not write, and only with ``force``.) ``apply_lora`` refuses a rank
+    that no adapted matrix can hold.
 
 ``loss.py`` — a micro-batch's loss and its layer-wise backward: ``make_batch(examples) -> Batch``,
 ``batch_loss(model, batch)``, ``loss_and_grads(model, batch) -> (loss, grads)`` (one block's graph
 at a time, the loss a chunk of trained positions at a time).
 
 ``train.py`` — the training loop (``TrainConfig``, ``train(model, train_ds, valid_ds, cfg,
-on_progress=None, cancel=None) -> TrainResult``), resumable checkpoints (``checkpoint.py``),
-metrics as JSON lines.
+on_progress=None, cancel=None) -> TrainResult``), resumable checkpoints (``checkpoint.py``:
+state.json checked field by field, with the base and data fingerprints), metrics as JSON lines.
+The rules a run follows, checked before anything is written: ``check_output_dir`` (never the
+filesystem root, the current folder or home), ``check_metrics_file`` (a new file, or one a run
+wrote), ``check_resume`` (adapter and data options fixed by the checkpoint, schedule options may
+change: ``TrainResult.changed``), ``output_lock`` (one run per folder); a non-finite loss,
+gradient or update stops the run (``TrainingDivergedError``) with the last good checkpoint kept.
 
 ``plan.py`` — a budget planned for training before the model loads:
 ``load(path, memory_budget=training_plan(path, spec, TrainConfig(out, ...), "9.5GB"))``.

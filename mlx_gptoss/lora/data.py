@@ -32,15 +32,18 @@ skipped, or with ``overflow="truncate"`` cut at the end and kept when a trained 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from openai_harmony import Author, Conversation, HarmonyEncoding, Message, RenderConversationConfig, Role
 
-from ..harmony import EFFORTS, developer_message, for_rendering, system_message
+from ..harmony import EFFORTS, TEMPLATE_BYTES, developer_message, for_rendering, system_message
+from ..tokenizer import TextTooCostlyError, check_encode_cost
 from ..tools import as_tool
 
 DEFAULT_DATE = date(2025, 6, 28)  # a fixed "Current date" for the system message: data must not change by the day
@@ -48,6 +51,8 @@ TRAIN_ON = ("final", "assistant")
 OVERFLOW = ("skip", "truncate")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _REASONING_KEYS = ("thinking", "reasoning", "reasoning_content")
+# the keys that make a line one format or another: a line holding keys of two is ambiguous
+_FORMAT_KEYS = (("messages",), ("prompt", "completion"), ("text",))
 
 
 class DataError(ValueError):
@@ -86,6 +91,14 @@ class Dataset:
     skipped: list[Skipped]
     lines: int  # non-blank lines read
     train_on: str = "final"
+    max_seq_len: int = 2048
+    overflow: str = "skip"
+    sha256: str | None = None  # of the file's bytes: a resumed run checks its data is the same
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`fingerprint` of the examples (the tokens trained on, whatever file they came from)."""
+        return fingerprint(self.examples)
 
     @property
     def tokens(self) -> int:
@@ -139,9 +152,10 @@ def load_dataset(
         raise ValueError(f"reasoning_effort must be low, medium or high, not {reasoning_effort!r}")
     path = Path(path)
     try:
-        raw_lines = path.read_bytes().splitlines()
+        content = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    raw_lines = content.splitlines()
     examples, skipped, lines = [], [], 0
     for n, raw in enumerate(raw_lines, 1):
         where = f"{path}:{n}"
@@ -154,10 +168,12 @@ def load_dataset(
         lines += 1
         try:
             record = json.loads(text)
+            found = record_examples(record, encoding, train_on=train_on, reasoning_effort=reasoning_effort, today=today,
+                                    line=n, where=where)  # fmt: skip
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-        found = record_examples(record, encoding, train_on=train_on, reasoning_effort=reasoning_effort, today=today,
-                                line=n, where=where)  # fmt: skip
+        except RecursionError:  # json.loads (and anything walking the record) recurses once per level
+            raise DataError(f"{where}: nested too deeply (lists or objects inside each other beyond Python's limit)") from None
         if not found:
             skipped.append(Skipped(n, "no token to train: no assistant turn ending in a final answer or a tool call"))
         for ex in found:
@@ -168,7 +184,22 @@ def load_dataset(
                 examples.append(kept)
     if lines == 0:
         raise DataError(f"{path}: the file is empty: expected one JSON object per line")
-    return Dataset(path, examples, skipped, lines, train_on)
+    return Dataset(path, examples, skipped, lines, train_on, max_seq_len, overflow, hashlib.sha256(content).hexdigest())
+
+
+def fingerprint(examples: Any) -> str:
+    """``"sha256:<hex>"`` of the examples' token ids and training masks, in order: what a run trains on.
+
+    A resumed run compares it with its checkpoint's: an edited file, another ``train_on`` or
+    ``max_seq_len`` give other tokens or masks, hence another fingerprint.
+    """
+    h = hashlib.sha256()
+    for e in examples:
+        ids = np.asarray(e.ids, dtype=np.int64)
+        h.update(np.int64(len(ids)).tobytes())
+        h.update(ids.tobytes())
+        h.update(np.asarray(e.targets, dtype=np.bool_).tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def record_examples(
@@ -184,6 +215,12 @@ def record_examples(
     """The sequences of one parsed JSON line (before the length limit); DataError when malformed."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, found {type(record).__name__}")
+    formats = [[k for k in keys if k in record] for keys in _FORMAT_KEYS]
+    if sum(1 for f in formats if f) > 1:
+        keys = ", ".join(sorted(k for f in formats for k in f))
+        raise DataError(f"{where}: holds the keys of more than one format ({keys}): a line is messages, "
+                        "prompt and completion, or text; keep one")  # fmt: skip
+    _check_strings(record, where)
     if "messages" in record:
         messages = _conversation(record, where, reasoning_effort, today)
     elif "prompt" in record or "completion" in record:
@@ -197,6 +234,38 @@ def record_examples(
     else:
         raise DataError(f"{where}: field messages: missing (a line needs messages, prompt and completion, or text)")
     return _sequences(messages, encoding, train_on, line, where)
+
+
+def _check_strings(record: dict, where: str) -> None:
+    """Refuse, naming the field, a string of the line that cannot be rendered: a lone surrogate
+    (``"\\ud800"``: JSON allows the escape, Unicode has no such character; openai-harmony would fail
+    on it naming no field, or the tokenizer turn it into U+FFFD silently), or text too costly to
+    tokenize (:func:`mlx_gptoss.tokenizer.check_encode_cost`: a long run of one character takes the
+    BPE a time quadratic in its length)."""
+    names, texts = [], []
+    stack: list[tuple[str, Any]] = [("", record)]  # no recursion: a line may nest deep
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{field}.{k}" if field else k, v) for k, v in reversed(value.items()))
+            found = [(f"{field or 'the line'} (a key)", k) for k in value]
+        elif isinstance(value, list):
+            stack.extend((f"{field}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+            continue
+        else:
+            found = [(field, value)] if isinstance(value, str) else []
+        for name, text in found:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{where}: field {name}: holds a lone surrogate \\u{ord(text[e.start]):04x} at character "
+                                f"{e.start + 1}, which is not a Unicode character (an escape cut in half?)") from None  # fmt: skip
+            names.append(name)
+            texts.append(text)
+    try:  # the strings of one line are rendered into one sequence: their cost adds up
+        check_encode_cost(texts, what=where, name=lambda i: f"field {names[i]}", context=TEMPLATE_BYTES)
+    except TextTooCostlyError as e:
+        raise DataError(str(e)) from None
 
 
 # -- formats -> harmony messages ---------------------------------------------------------------

@@ -12,6 +12,19 @@ Determinism (what makes a resumed run end with the same adapter as an uninterrup
 example order of epoch ``e`` is a permutation drawn from ``(seed, e)``; MLX's random state is
 reseeded from ``(seed, step)`` at every step; a checkpoint stores the trainable weights, the
 optimizer state (with its step count), the step and the micro-batch position.
+
+Safety (what a run refuses or stops on, before anything is lost):
+
+- the output folder is never the filesystem root, the current directory or the home folder (or
+  a folder holding them), nor a model's folder; one run at a time holds it (:func:`output_lock`);
+- metrics go into a new file or over one this command wrote (:func:`check_metrics_file`), never
+  over a model's file, the training data or any other file;
+- a resume continues the run its checkpoint records, on the same base model (fingerprint), with
+  the same adapter, data and data options; schedule options may change (:data:`SCHEDULE`);
+- a step whose loss, gradient or updated weights are not finite stops the run before it is
+  applied (:class:`TrainingDivergedError`), the last good state saved as a checkpoint;
+- adapters whose gradients and AdamW state cannot fit in memory are refused before they are
+  allocated (:func:`~.plan.check_trainable_memory`).
 """
 
 from __future__ import annotations
@@ -23,7 +36,8 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +52,11 @@ from mlx_gptoss_convert.destination import DestinationLock
 
 from .. import kernels
 from ..generate import peak_rss_gb
-from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from ..options import SEED_MAX, OptionError, check_number
+from . import plan as planning
+from .adapters import LoRAError, LoRASpec
+from .checkpoint import STATE_VERSION, Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import fingerprint as data_fingerprint
 from .io import CONFIG, WEIGHTS, save_adapter
 from .io import base_fingerprint as fingerprint
 from .loss import Batch as Batch
@@ -49,10 +67,27 @@ from .loss import mix_seed
 from .loss import set_attention_chunk as set_attention_chunk
 
 SCHEDULES = ("cosine", "constant")
+# What a resume must keep (the checkpoint's run is made of them) and what it may change (the
+# schedule, and options that only trade memory for time). The adapter (LoRASpec), the data (its
+# fingerprint, train_on, overflow), the base model and the metrics file are fixed too.
+FIXED = ("seed", "batch_size", "grad_accumulation", "max_seq_len")
+SCHEDULE = ("iterations", "epochs", "learning_rate", "schedule", "warmup", "min_lr_ratio", "weight_decay",
+            "max_grad_norm", "save_every", "eval_every", "eval_batches", "grad_checkpoint", "loss_chunk",
+            "attention_chunk")  # fmt: skip
 
 
 class TrainConfigError(ValueError):
     """An option of :class:`TrainConfig` is out of range or inconsistent."""
+
+
+class TrainingDivergedError(ValueError):
+    """A step's loss, gradient norm or update (the weights it made) was not finite: the run stopped
+    before applying it. ``step`` (1-based) is that step, ``what`` the quantity, ``learning_rate`` the
+    step's rate, ``checkpoint`` the saved last good state (None when the first step diverged)."""
+
+    def __init__(self, message: str, *, step: int, what: str, learning_rate: float, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.what, self.learning_rate, self.checkpoint = step, what, learning_rate, checkpoint
 
 
 @dataclass
@@ -111,37 +146,37 @@ class TrainConfig:
     attention_chunk: int | None = 256
 
     def validate(self) -> None:
-        """Raise :class:`TrainConfigError` naming the first bad option."""
+        """Raise :class:`TrainConfigError` naming the first bad option (NaN, infinities, booleans
+        for numbers and values out of range included: :func:`mlx_gptoss.options.check_number`)."""
+        try:
+            self._check_numbers()
+        except OptionError as e:
+            raise TrainConfigError(str(e)) from None
         if self.iterations is not None and self.epochs is not None:
             raise TrainConfigError("give iterations or epochs, not both")
-        positive = {"batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
-                    "max_seq_len": self.max_seq_len, "loss_chunk": self.loss_chunk}  # fmt: skip
-        if self.attention_chunk is not None:
-            positive["attention_chunk"] = self.attention_chunk
-        if self.iterations is not None:
-            positive["iterations"] = self.iterations
-        if self.epochs is not None:
-            positive["epochs"] = self.epochs
-        if self.eval_batches is not None:
-            positive["eval_batches"] = self.eval_batches
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TrainConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name, value in {"save_every": self.save_every, "eval_every": self.eval_every, "seed": self.seed}.items():
-            if not isinstance(value, int) or value < 0:
-                raise TrainConfigError(f"{name} must be an integer >= 0, got {value!r}")
-        if self.warmup is not None and (not isinstance(self.warmup, int) or self.warmup < 0):
-            raise TrainConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise TrainConfigError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.schedule not in SCHEDULES:
             raise TrainConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise TrainConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.weight_decay < 0:
-            raise TrainConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise TrainConfigError(f"max_grad_norm must be > 0 (or None), got {self.max_grad_norm!r}")
+        if not isinstance(self.grad_checkpoint, bool):
+            raise TrainConfigError(f"grad_checkpoint must be True or False, got {self.grad_checkpoint!r}")
+        if not isinstance(self.output_dir, (str, Path)):
+            raise TrainConfigError(f"output_dir must be a folder path, got {self.output_dir!r}")
+
+    def _check_numbers(self) -> None:
+        for name in ("batch_size", "grad_accumulation", "max_seq_len", "loss_chunk"):
+            check_number(name, getattr(self, name), integer=True, min=1)
+        for name in ("attention_chunk", "iterations", "epochs", "eval_batches"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), integer=True, min=1)
+        for name in ("save_every", "eval_every"):
+            check_number(name, getattr(self, name), integer=True, min=0)
+        if self.warmup is not None:
+            check_number("warmup", self.warmup, integer=True, min=0)
+        check_number("seed", self.seed, integer=True, min=0, max=SEED_MAX)
+        check_number("learning_rate", self.learning_rate, min=0, min_open=True)
+        check_number("min_lr_ratio", self.min_lr_ratio, min=0, max=1)
+        check_number("weight_decay", self.weight_decay, min=0)
+        if self.max_grad_norm is not None:
+            check_number("max_grad_norm", self.max_grad_norm, min=0, min_open=True)
 
     @property
     def metrics_path(self) -> Path:
@@ -208,6 +243,7 @@ class TrainResult:
     peak_memory_gb: float = 0.0
     checkpoint: Path | None = None
     history: list[dict] = field(default_factory=list, repr=False)
+    changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # a resume's schedule options: (checkpoint's, now)
 
 
 class _Order:
@@ -254,6 +290,161 @@ def refuse_finished_adapter(out: Path) -> None:
         raise ValueError(f"{out} holds an adapter ({', '.join(found)}): train into another folder, or delete it first")
 
 
+def check_output_dir(out: str | Path, *, name: str = "output_dir") -> Path:
+    """``out`` (``~`` expanded) if a run may write into it, else :class:`TrainConfigError` naming
+    ``name``: an empty path, the filesystem root, the current directory, the home folder, or a
+    folder holding either (a run writes its adapter, checkpoints and metrics there, beside what
+    the folder holds) are refused."""
+    if str(out).strip() == "":
+        raise TrainConfigError(f"{name} is empty: give the adapter a folder of its own, e.g. my-adapter")
+    path = Path(out).expanduser()
+    real = path.resolve()
+    how = "give the adapter a folder of its own, e.g. ./my-adapter"
+    if real == Path(real.anchor):
+        raise TrainConfigError(f"{name} {out}: is the filesystem root; {how}")
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise TrainConfigError(f"{name} {out}: is (or holds) the current directory; {how}")
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no HOME and no password entry: there is no home folder to protect
+        home = None
+    if home is not None and (real == home or real in home.parents):
+        raise TrainConfigError(f"{name} {out}: is (or holds) your home folder; {how}")
+    return path
+
+
+def is_metrics_file(path: str | Path) -> bool:
+    """Whether ``path``'s first line is a record this module writes (``{"kind": "train"|"eval",
+    "step": ..., "total_steps": ...}``): how a metrics file of an earlier run is recognised."""
+    try:
+        with open(path, "rb") as f:
+            row = json.loads(f.readline(1 << 16))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(row, dict) and row.get("kind") in ("train", "eval") and "step" in row and "total_steps" in row
+
+
+def check_metrics_file(path: str | Path, *, data_files: Sequence[tuple[str, Any]] = (), model_dir: Any = None,
+                       name: str = "metrics_file") -> None:  # fmt: skip
+    """Refuse (:class:`TrainConfigError` naming ``name``) a metrics file that would overwrite what is
+    not ours: a folder, one of ``data_files`` (``(what, path)`` pairs, e.g. the training data), a
+    file in ``model_dir``, or an existing non-empty file that :func:`is_metrics_file` does not
+    recognise. A new file, or one an earlier run wrote, is fine."""
+    p = Path(path)
+    if p.is_dir():
+        raise TrainConfigError(f"{name} {path}: is a folder; give a file name (e.g. OUTPUT/metrics.jsonl)")
+    real = p.resolve()
+    for what, f in data_files:
+        if f is not None and (real == Path(f).resolve() or (p.exists() and Path(f).exists() and os.path.samefile(p, f))):
+            raise TrainConfigError(f"{name} {path}: is the {what}; metrics never go over a data file: choose another file")
+    if model_dir is not None:
+        model = Path(model_dir).resolve()
+        if real == model or model in real.parents:
+            raise TrainConfigError(f"{name} {path}: lies in the model folder {model}; metrics never go into a model: "
+                                   "choose another file")  # fmt: skip
+    if p.exists() and p.stat().st_size > 0 and not is_metrics_file(p):
+        raise TrainConfigError(f"{name} {path}: exists and is not a metrics file of lora train (its first line is not "
+                               "a step record); metrics go into a new file or over one lora train wrote: choose "
+                               "another file, or remove this one yourself")  # fmt: skip
+
+
+_held: dict[tuple[str, int], int] = {}  # (output folder, thread) -> depth, for output_lock
+_held_guard = threading.Lock()
+
+
+@contextmanager
+def output_lock(out: str | Path) -> Iterator[None]:
+    """Hold ``out`` for one training run (the converter's :class:`DestinationLock`, ``.OUT.lock``
+    beside it): a second run into it is refused at once, naming the pid that runs. Re-entrant in
+    one thread, so a caller can take it before the model loads (the CLI does: a busy folder is
+    refused first) and :func:`train` inside it goes on."""
+    key = (os.path.abspath(out), threading.get_ident())
+    with _held_guard:
+        nested = key in _held
+        if nested:
+            _held[key] += 1
+    if nested:
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held[key] -= 1
+        return
+    with DestinationLock(Path(out), "training run"):
+        with _held_guard:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_guard:
+                del _held[key]
+
+
+def _metrics_name(metrics: Path, out: Path) -> str:
+    """The metrics file as a checkpoint records it: relative to ``out`` when inside (a moved run folder keeps it)."""
+    real, root = metrics.resolve(), out.resolve()
+    return real.relative_to(root).as_posix() if root in real.parents else str(real)
+
+
+def recorded_metrics_path(state: dict, out: str | Path) -> Path:
+    """The metrics file a checkpoint's ``state.json`` recorded, as a path."""
+    p = Path(state["metrics_file"])
+    return p if p.is_absolute() else Path(out) / p
+
+
+def check_resume(state: dict, file: Path, cfg: TrainConfig, *, spec: Any, base_fingerprint: str, data: dict,
+                 n_train: int, metrics: Path) -> dict[str, tuple[Any, Any]]:  # fmt: skip
+    """Compare a run with the checkpoint (``state``, read from ``file``) it resumes. Raises
+    :class:`~.checkpoint.CheckpointError` naming the field when what the checkpoint fixes differs:
+    the base model, the adapter (``spec``), :data:`FIXED` options, the data (fingerprint,
+    ``train_on``, ``overflow``, example count), the metrics file. Returns the :data:`SCHEDULE`
+    options that changed, ``{field: (checkpoint's, this run's)}``."""
+    how = "it is fixed by the checkpoint (train into another folder to change it)"
+    if state["base_fingerprint"] != base_fingerprint:
+        raise CheckpointError(f"{file}: the run was trained on the base model {state['base_fingerprint']}, this model is "
+                              f"{base_fingerprint}: resume it on the base it was trained on, or train into another folder")  # fmt: skip
+    if spec is not None and state["spec"] is not None:
+        try:
+            saved = LoRASpec.from_dict(state["spec"])
+        except (LoRAError, TypeError) as e:
+            raise CheckpointError(f"{file}: field spec: {e}") from None
+        for k in saved.to_dict():
+            if getattr(saved, k) != getattr(spec, k):
+                raise CheckpointError(f"{file}: the run's adapter has {k}={getattr(saved, k)!r}, this one asks "
+                                      f"{k}={getattr(spec, k)!r}: {how}")  # fmt: skip
+    config = state["config"]
+    for k in FIXED:
+        if config.get(k) != getattr(cfg, k):
+            raise CheckpointError(f"{file}: the run was made with {k}={config.get(k)!r}, this one has {getattr(cfg, k)!r}: {how}")
+    for k in ("train_on", "overflow"):
+        if state["data"].get(k) is not None and data.get(k) is not None and state["data"][k] != data[k]:
+            raise CheckpointError(f"{file}: the run's data was read with {k}={state['data'][k]!r}, this one with "
+                                  f"{data[k]!r}: {how}")  # fmt: skip
+    if state["run"]["n_train"] != n_train or state["data"]["train"] != data["train"]:
+        raise CheckpointError(f"{file}: the training data differs from the run's ({n_train} examples now, "
+                              f"{state['run']['n_train']} then, or other tokens or masks: an edited file?); a resumed "
+                              "run trains on the same data: restore it, or train into another folder")  # fmt: skip
+    if recorded_metrics_path(state, cfg.output_dir).resolve() != metrics.resolve():
+        raise CheckpointError(f"{file}: the run writes its metrics into {recorded_metrics_path(state, cfg.output_dir)}, "
+                              f"not {metrics}: {how}")  # fmt: skip
+    return {k: (config.get(k), getattr(cfg, k)) for k in SCHEDULE if k in config and config[k] != getattr(cfg, k)}
+
+
+def _check_tensors(file: Path, got: dict[str, mx.array], want: dict[str, mx.array], what: str) -> None:
+    """A checkpoint file's tensors against the arrays they replace: names, shapes, dtypes."""
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        listed = "; ".join(x for x in (f"missing {', '.join(missing[:3])}" if missing else "",
+                                       f"unexpected {', '.join(extra[:3])}" if extra else "") if x)  # fmt: skip
+        raise CheckpointError(f"{file}: its tensors are not {what}'s ({listed}); the checkpoint belongs to another adapter")
+    for name in sorted(want):
+        g, w = got[name], want[name]
+        if g.shape != w.shape or g.dtype != w.dtype:
+            raise CheckpointError(f"{file}: tensor {name}: shape {tuple(g.shape)} {g.dtype}, where {what} has "
+                                  f"{tuple(w.shape)} {w.dtype}; the checkpoint belongs to another adapter (or is damaged)")  # fmt: skip
+
+
 def _check_examples(examples: Sequence[Any], cfg: TrainConfig, what: str) -> None:
     for e in examples:
         if len(e.ids) > cfg.max_seq_len:
@@ -290,15 +481,23 @@ def train(
         on_progress: called with a :class:`TrainProgress` after each step and each evaluation.
         cancel: set it (from any thread) to stop after the current step; a checkpoint is saved
             and the result's status is "cancelled".
-        resume: continue from the latest checkpoint in ``cfg.output_dir`` (the model must carry
-            the same adapters); without it, a folder that holds a checkpoint is refused.
+        resume: continue from the latest checkpoint in ``cfg.output_dir``: the same base model,
+            adapter (``spec``), data and :data:`FIXED` options as the run it records (each
+            checked, :func:`check_resume`); :data:`SCHEDULE` options may differ. Without it, a
+            folder that holds a checkpoint is refused.
 
-    Raises ``ValueError`` (:class:`TrainConfigError`, :class:`~.checkpoint.CheckpointError`) for
-    bad options, examples longer than ``max_seq_len``, or an empty training set.
+    Raises ``ValueError``: :class:`TrainConfigError` for bad options, an output folder or metrics
+    file it must not write (see the module docstring), examples longer than ``max_seq_len`` or an
+    empty training set; :class:`~.checkpoint.CheckpointError` for a resume its checkpoint refuses
+    (another base, adapter or data; a damaged or hand-edited checkpoint; no step left);
+    :class:`TrainingDivergedError` when a step is not finite;
+    :class:`~mlx_gptoss.memory.BudgetError` when the optimizer state cannot fit in memory.
+    ``result.changed`` lists the schedule options a resume changed.
     """
     if cfg is None:
         raise TrainConfigError("a TrainConfig with output_dir is required")
     cfg.validate()
+    out = check_output_dir(cfg.output_dir)
     train_ex = list(getattr(train_ds, "examples", train_ds))
     valid_ex = list(getattr(valid_ds, "examples", valid_ds)) if valid_ds is not None else []
     if not train_ex:
@@ -306,62 +505,89 @@ def train(
     _check_examples(train_ex, cfg, "training data")
     _check_examples(valid_ex, cfg, "validation data")
     params = model.trainable_parameters()
-    if not tree_flatten(params):
+    flat = tree_flatten(params)
+    if not flat:
         raise ValueError("the model has no trainable parameter (apply_lora first)")
-
-    out = Path(cfg.output_dir)
+    planning.check_trainable_memory(sum(v.size for _, v in flat))  # before AdamW allocates its moments
     refuse_model_folder(out)
+    files = [("training data", getattr(train_ds, "path", None)), ("validation data", getattr(valid_ds, "path", None))]
+    check_metrics_file(cfg.metrics_path, data_files=files, model_dir=getattr(model, "path", None))
+    data = {"train": data_fingerprint(train_ex), "train_sha256": getattr(train_ds, "sha256", None),
+            "valid": data_fingerprint(valid_ex) if valid_ex else None,
+            "train_on": getattr(train_ds, "train_on", None), "overflow": getattr(train_ds, "overflow", None)}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     # one run per folder: two would interleave their checkpoints, metrics and adapter
-    with DestinationLock(out, "training run"):
-        return _train_into(model, train_ex, valid_ex, params, cfg, out, spec=spec, base_fingerprint=base_fingerprint,
-                           on_progress=on_progress, cancel=cancel, resume=resume)  # fmt: skip
+    with output_lock(out):
+        return _train_into(model, train_ex, valid_ex, params, cfg, out, spec=spec, data=data,
+                           base_fingerprint=base_fingerprint or fingerprint(model), on_progress=on_progress,
+                           cancel=cancel, resume=resume)  # fmt: skip
+
+
+class _Diverged(Exception):
+    """Inside the loop: the step being taken is not finite (turned into TrainingDivergedError)."""
+
+    def __init__(self, what: str, value: float | None) -> None:
+        super().__init__(what)
+        self.what, self.value = what, value
+
+
+def _finite(tree: Any) -> bool:
+    """Whether every array of ``tree`` is finite (one reduction, one sync)."""
+    leaves = [mx.all(mx.isfinite(v)) for _, v in tree_flatten(tree)]
+    return bool(mx.all(mx.stack(leaves)).item()) if leaves else True
 
 
 def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, cfg: TrainConfig, out: Path, *, spec: Any,
-                base_fingerprint: str | None, on_progress: Callable[[TrainProgress], None] | None,
+                data: dict, base_fingerprint: str, on_progress: Callable[[TrainProgress], None] | None,
                 cancel: threading.Event | None, resume: bool) -> TrainResult:  # fmt: skip
     """:func:`train`'s run once its inputs are checked and ``out`` is locked."""
     if not resume and latest_checkpoint(out) is None:
         refuse_finished_adapter(out)
-    plan = getattr(model, "memory_plan", None)
-    if plan is not None and not plan.training:
+    memory_plan = getattr(model, "memory_plan", None)
+    if memory_plan is not None and not memory_plan.training:
         warnings.warn("the model was loaded with an inference memory plan, which leaves no room for the adapters, "
                       "optimizer and activations of training; load it with "
                       "memory_budget=mlx_gptoss.lora.plan.training_plan(...)", stacklevel=3)  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
     total = cfg.total_steps(len(train_ex))
     order = _Order(len(train_ex), cfg.batch_size, cfg.seed)
     last_micro = (cfg.epochs or 0) * order.per_epoch  # epochs mode: the stream ends here
-    opt = optim.AdamW(learning_rate=cfg.lr_at(0, total), weight_decay=cfg.weight_decay, bias_correction=True)
-    opt.init(params)
     run_key = {"seed": cfg.seed, "batch_size": cfg.batch_size, "grad_accumulation": cfg.grad_accumulation,
                "n_train": len(train_ex)}  # fmt: skip
+    metrics_path = cfg.metrics_path
 
     step, micro, trained_tokens, skipped_steps = 0, 0, 0, 0
     metrics_offset = 0
+    changed: dict[str, tuple[Any, Any]] = {}
+    ck = None
     ckpt_dir = latest_checkpoint(out)
     if resume:
         if ckpt_dir is None:
             raise CheckpointError(f"{out}: no checkpoint to resume from")
         ck = load_checkpoint(ckpt_dir)
-        for k, v in run_key.items():
-            if ck.state.get("run", {}).get(k) != v:
-                raise CheckpointError(f"{ckpt_dir}: made with {k}={ck.state.get('run', {}).get(k)!r}, this run has {v!r}")
-        names = {k for k, _ in tree_flatten(params)}
-        if set(ck.trainable) != names:
-            raise CheckpointError(f"{ckpt_dir}: its trainable weights do not match the model's adapters")
+        changed = check_resume(ck.state, ckpt_dir / "state.json", cfg, spec=spec, base_fingerprint=base_fingerprint,
+                               data=data, n_train=len(train_ex), metrics=metrics_path)  # fmt: skip
+        step = ck.state["step"]
+        if step >= total:
+            finished = "finished at" if step == total else "is past this run's total, at"
+            raise CheckpointError(f"{out}: the run {finished} step {step}/{total}: nothing left to train; give a larger "
+                                  "iterations (or epochs) to continue it")  # fmt: skip
+    elif ckpt_dir is not None:
+        raise CheckpointError(f"{out} holds a training checkpoint: resume it, or train into another (or an emptied) folder")
+    out.mkdir(parents=True, exist_ok=True)
+    opt = optim.AdamW(learning_rate=cfg.lr_at(0, total), weight_decay=cfg.weight_decay, bias_correction=True)
+    opt.init(params)
+    if ck is not None:
+        # the shapes first: MLX would fail later inside a matmul or a broadcast, naming no file
+        _check_tensors(ckpt_dir / "trainable.safetensors", ck.trainable, dict(tree_flatten(params)), "the model's adapter")
+        _check_tensors(ckpt_dir / "optimizer.safetensors", ck.optimizer, dict(tree_flatten(opt.state)), "the optimizer")
         model.load_weights(list(ck.trainable.items()), strict=False)
         opt.state = tree_unflatten(list(ck.optimizer.items()))
         step, micro = ck.state["step"], ck.state["micro"]
         trained_tokens, skipped_steps = ck.state["trained_tokens"], ck.state["skipped_steps"]
         metrics_offset = ck.state["metrics_offset"]
-        del ck  # its arrays are the model's and the optimizer's now
-    elif ckpt_dir is not None:
-        raise CheckpointError(f"{out} holds a training checkpoint: resume it, or train into another (or an emptied) folder")
+        ck = None  # its arrays are the model's and the optimizer's now
     del params  # the adapters as they were before training: not kept through the run
 
-    metrics_path = cfg.metrics_path
     metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics = open(metrics_path, "r+b" if resume and metrics_path.exists() else "wb")
     metrics_offset = min(metrics_offset, metrics.seek(0, os.SEEK_END))  # a file deleted or cut meanwhile
@@ -373,9 +599,11 @@ def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, c
         metrics.flush()
 
     def checkpoint() -> Path:
-        state = {"step": step, "micro": micro, "trained_tokens": trained_tokens, "skipped_steps": skipped_steps,
-                 "metrics_offset": metrics.tell(), "run": run_key, "config": _jsonable(asdict(cfg)),
-                 "spec": spec.to_dict() if spec is not None else None}  # fmt: skip
+        state = {"version": STATE_VERSION, "step": step, "micro": micro, "total_steps": total,
+                 "trained_tokens": trained_tokens, "skipped_steps": skipped_steps, "metrics_offset": metrics.tell(),
+                 "metrics_file": _metrics_name(metrics_path, out), "run": run_key, "config": _jsonable(asdict(cfg)),
+                 "spec": spec.to_dict() if spec is not None else None, "base_fingerprint": base_fingerprint,
+                 "data": data}  # fmt: skip
         opt_state = dict(tree_flatten(opt.state))
         return save_checkpoint(out, Checkpoint(dict(tree_flatten(model.trainable_parameters())), opt_state, state))
 
@@ -386,7 +614,8 @@ def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, c
     else:
         step_fn = nn.value_and_grad(model, lambda m, batch, seed: batch_loss(m, batch, chunk=cfg.loss_chunk,
                                                                                checkpoint=False, seed=seed))  # fmt: skip
-    result = TrainResult("completed", step, total, out, trained_tokens=trained_tokens, skipped_steps=skipped_steps)
+    result = TrainResult("completed", step, total, out, trained_tokens=trained_tokens, skipped_steps=skipped_steps,
+                         changed=changed)  # fmt: skip
     mx.reset_peak_memory()
     t_start, steps_here = time.perf_counter(), 0
     model.train()
@@ -396,63 +625,87 @@ def _train_into(model: nn.Module, train_ex: list, valid_ex: list, params: Any, c
     kernels.set_mode("twin")
     chunks = set_attention_chunk(model, cfg.attention_chunk)
     try:
-        while step < total:
-            if cancel is not None and cancel.is_set():
-                result.status = "cancelled"
-                break
-            t0 = time.perf_counter()
-            step_seed = mix_seed(cfg.seed, step)
-            mx.random.seed(step_seed)
-            lr = cfg.lr_at(step, total)
-            grads, g, loss_sum, n_targets, n_tokens = None, None, 0.0, 0, 0
-            for _ in range(cfg.grad_accumulation):
-                if cfg.epochs is not None and micro >= last_micro:
+        micro_before, lr = micro, cfg.learning_rate
+        try:
+            while step < total:
+                if cancel is not None and cancel.is_set():
+                    result.status = "cancelled"
                     break
-                batch = make_batch([train_ex[i] for i in order.indices(micro)])
-                micro += 1
-                n_tokens += batch.n_tokens
-                if batch.n_targets == 0:  # nothing to learn from: a NaN-free no-op
-                    continue
-                loss, g = step_fn(model, batch, step_seed)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                mx.eval(loss, grads)  # bound the graph to one micro-batch
-                loss_sum += loss.item()
-                n_targets += batch.n_targets
-            step += 1
-            progress = TrainProgress("train", step, total, micro / order.per_epoch, lr=lr, tokens=n_tokens)
-            if grads is None:
-                skipped_steps += 1
-                progress.skipped = True
-            else:
-                grads = tree_map(lambda g, n=n_targets: g / n, grads)
-                grad_norm = _global_norm(grads)
-                if cfg.max_grad_norm is not None:
-                    grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-                opt.learning_rate = lr
-                opt.update(model, grads)
-                mx.eval(model.trainable_parameters(), opt.state)
-                grads = g = None  # not held through the next step's backward
-                trained_tokens += n_targets
-                progress.loss, progress.grad_norm = loss_sum / n_targets, grad_norm.item()
-                result.final_loss = progress.loss
-            steps_here += 1
-            dt = time.perf_counter() - t0
-            elapsed = time.perf_counter() - t_start
-            progress.trained_tokens = result.trained_tokens = trained_tokens
-            progress.tokens_per_s = n_tokens / dt if dt > 0 else 0.0
-            progress.peak_memory_gb = mx.get_peak_memory() / 1e9
-            progress.rss_gb = peak_rss_gb()
-            progress.eta_s = elapsed / steps_here * (total - step)
-            log(progress.to_dict())
-            result.history.append(progress.to_dict())
-            if on_progress is not None:
-                on_progress(progress)
-            if valid_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                result.val_loss = _eval_and_report(
-                    model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result
-                )
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                result.checkpoint = checkpoint()
+                t0 = time.perf_counter()
+                step_seed = mix_seed(cfg.seed, step)
+                mx.random.seed(step_seed)
+                lr = cfg.lr_at(step, total)
+                micro_before = micro
+                grads, g, loss_sum, n_targets, n_tokens = None, None, 0.0, 0, 0
+                for _ in range(cfg.grad_accumulation):
+                    if cfg.epochs is not None and micro >= last_micro:
+                        break
+                    batch = make_batch([train_ex[i] for i in order.indices(micro)])
+                    micro += 1
+                    n_tokens += batch.n_tokens
+                    if batch.n_targets == 0:  # nothing to learn from: a NaN-free no-op
+                        continue
+                    loss, g = step_fn(model, batch, step_seed)
+                    grads = g if grads is None else tree_map(mx.add, grads, g)
+                    mx.eval(loss, grads)  # bound the graph to one micro-batch
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise _Diverged("loss", value / batch.n_targets)
+                    loss_sum += value
+                    n_targets += batch.n_targets
+                progress = TrainProgress("train", step + 1, total, micro / order.per_epoch, lr=lr, tokens=n_tokens)
+                if grads is None:
+                    skipped_steps += 1
+                    progress.skipped = True
+                else:
+                    grads = tree_map(lambda g, n=n_targets: g / n, grads)
+                    grad_norm = _global_norm(grads).item()
+                    if not math.isfinite(grad_norm):
+                        raise _Diverged("gradient norm", grad_norm)
+                    if cfg.max_grad_norm is not None:
+                        grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+                    # kept until the new weights are known finite (references: the update makes new arrays anyway)
+                    before = model.trainable_parameters(), tree_map(lambda x: x, opt.state)
+                    opt.learning_rate = lr
+                    opt.update(model, grads)
+                    mx.eval(model.trainable_parameters(), opt.state)
+                    grads = g = None  # not held through the next step's backward
+                    if not _finite(model.trainable_parameters()):
+                        model.update(before[0])
+                        opt.state = before[1]
+                        raise _Diverged("update", None)  # the weights it made
+                    before = None
+                    trained_tokens += n_targets
+                    progress.loss, progress.grad_norm = loss_sum / n_targets, grad_norm
+                    result.final_loss = progress.loss
+                step += 1
+                steps_here += 1
+                dt = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t_start
+                progress.trained_tokens = result.trained_tokens = trained_tokens
+                progress.tokens_per_s = n_tokens / dt if dt > 0 else 0.0
+                progress.peak_memory_gb = mx.get_peak_memory() / 1e9
+                progress.rss_gb = peak_rss_gb()
+                progress.eta_s = elapsed / steps_here * (total - step)
+                log(progress.to_dict())
+                result.history.append(progress.to_dict())
+                if on_progress is not None:
+                    on_progress(progress)
+                if valid_ex and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                    result.val_loss = _eval_and_report(
+                        model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result
+                    )
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    result.checkpoint = checkpoint()
+        except _Diverged as d:
+            micro = micro_before  # the step was not taken: its micro-batches are read again on resume
+            saved = checkpoint() if step > 0 else None  # the last good state, to resume with a lower rate
+            found = "" if d.value is None else f" ({d.value})"
+            keep = (f"the last good state (step {step}) is saved in {saved}: resume it with a lower learning_rate"
+                    if saved is not None else "nothing was trained yet: train again with a lower learning_rate")  # fmt: skip
+            raise TrainingDivergedError(f"training diverged at step {step + 1}: its {d.what} is not finite{found}, so "
+                                        f"it was not applied; {keep} (this step's was {lr:g})", step=step + 1,
+                                        what=d.what, learning_rate=lr, checkpoint=saved) from None  # fmt: skip
         if result.status == "completed" and valid_ex:
             result.val_loss = _eval_and_report(
                 model, valid_ex, cfg, step, total, micro / order.per_epoch, log, on_progress, result
@@ -488,14 +741,14 @@ def _global_norm(grads: Any) -> mx.array:
     return mx.sqrt(sum((mx.sum(g.astype(mx.float32) ** 2) for _, g in tree_flatten(grads)), mx.array(0.0)))
 
 
-def _save_final(model: nn.Module, spec: Any, out: Path, base_fingerprint: str | None) -> None:
+def _save_final(model: nn.Module, spec: Any, out: Path, base_fingerprint: str) -> None:
     if spec is None:
         mx.save_safetensors(str(out / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         return
     # save_adapter replaces a whole folder, and ``out`` also holds the checkpoints and metrics:
     # write the adapter beside them, then move its files in (each atomically, the config last)
     tmp = out / ".adapter.tmp"
-    save_adapter(model, spec, tmp, base_fingerprint=base_fingerprint or fingerprint(model))
+    save_adapter(model, spec, tmp, base_fingerprint=base_fingerprint)
     for name in (WEIGHTS, CONFIG):
         os.replace(tmp / name, out / name)
     shutil.rmtree(tmp, ignore_errors=True)
