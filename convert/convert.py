@@ -278,9 +278,6 @@ def is_output(name: str) -> bool:
     return name in ("config.json", INDEX, TIKTOKEN_FILE, *TOKENIZER_FILES) or bool(_SHARD_NAME.match(name))
 
 
-_is_output = is_output  # the name export.py imports
-
-
 def _harmony_vocab(release: Release) -> bytes | None:
     """The release tokenizer's vocabulary in tiktoken form, None if it is not o200k_harmony.
 

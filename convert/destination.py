@@ -213,7 +213,7 @@ def claimed(dst: Path, need: int, recheck: Callable[[], None], what: str) -> Ite
                 dst.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ConversionError(f"{dst.parent}: cannot create it ({e.strerror})") from None
-        with DestinationLock(dst):
+        with DestinationLock(dst, what):
             for p in remove_stale(dst):
                 print(f"note: removed {p}, left by an interrupted {what}", file=sys.stderr)
             if dst.exists() or dst.is_symlink():

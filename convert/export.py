@@ -41,7 +41,7 @@ from mlx_gptoss.safetensors_io import (
 )
 from mlx_gptoss.version import __version__
 
-from .convert import DEFAULT_SHARD_BYTES, TOKENIZER_FILES, _expected_params, _is_output
+from .convert import DEFAULT_SHARD_BYTES, TOKENIZER_FILES, _expected_params, is_output
 from .destination import SPACE_MARGIN, check_no_overlap, check_replaceable, claimed, destination, staged
 from .layout import BLOCKS, CONCAT, COPY, HF, INTERLEAVE, MLXLM, MLXLM_MODULES, quantizable, source_keys
 from .release import hf_config_dict
@@ -247,7 +247,7 @@ def _is_export_output(name: str) -> bool:
 def _check_replaceable(dst: Path) -> None:
     """``force`` replaces an empty folder, an earlier conversion, or an earlier export with nothing added."""
     if not (dst / MARKER).is_file() or dst.is_symlink():
-        check_replaceable(dst, _is_output)  # empty, or an earlier conversion; its errors say what else is there
+        check_replaceable(dst, is_output)  # empty, or an earlier conversion; its errors say what else is there
         return
     cwd = Path.cwd().resolve()
     if cwd == dst.resolve() or dst.resolve() in cwd.parents:

@@ -59,7 +59,11 @@ def _range(min: float | None, max: float | None, min_open: bool, max_open: bool)
     if min is None and max is None:
         return ""
     if max is None:
-        return f" {'>' if min_open else '>='} {min:g}"
+        return f" {'>' if min_open else '>='} {_num(min)}"
     if min is None:
-        return f" {'<' if max_open else '<='} {max:g}"
-    return f" in {'(' if min_open else '['}{min:g}, {max:g}{')' if max_open else ']'}"
+        return f" {'<' if max_open else '<='} {_num(max)}"
+    return f" in {'(' if min_open else '['}{_num(min)}, {_num(max)}{')' if max_open else ']'}"
+
+
+def _num(v: float) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"  # integers exactly: 2147483647, not 2.14748e+09

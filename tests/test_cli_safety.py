@@ -97,12 +97,19 @@ ABSURD = "99999999999"  # beyond any count MLX's int32 indices hold
         ("doctor", "--context", ABSURD),
         ("doctor", "--train-seq-len", ABSURD),
         ("doctor", "--lora-rank", "nan"),
+        ("serve", "--port", "99999"),
+        ("serve", "--max-queue", "0"),
+        ("serve", "--max-tokens", ABSURD),
+        ("lora fuse", "--check-tokens", "nan"),
+        ("testing tiny-model", "--layers", "0"),
     ],
 )
 def test_a_number_an_option_cannot_take_is_one_error_line_naming_it(vocab_model_dir, command, flag, value):
     extra = ["--memory-budget", "1GB"] if flag == "--context" and command != "doctor" else []
     extra += ["--train-seq-len", "64"] if flag == "--lora-rank" else []
-    args = [command, "-m", vocab_model_dir, *extra, flag, value] + (["hi"] if command == "generate" else [])
+    where = ["/tmp/never-written"] if command == "testing tiny-model" else ["-m", vocab_model_dir]
+    where += ["--adapter", "x", "-o", "y"] if command == "lora fuse" else []
+    args = [*command.split(), *where, *extra, flag, value] + (["hi"] if command == "generate" else [])
     line = one_error(cli(*args))
     assert line.startswith(f"Error: {flag} must be"), line
 

@@ -342,3 +342,12 @@ def test_the_one_token_decode_step_is_not_checked_on_the_host(model, monkeypatch
     monkeypatch.setattr(type(model), "_check_ids", spy)
     list(stream_tokens(model, list(range(1, 40)), max_tokens=16, prefill_step=16))
     assert calls and all(shape != (1, 1) for shape in calls), calls  # prefill chunks only
+
+
+@pytest.mark.parametrize("call", [123, None, "", ["get_weather"]])
+def test_a_tool_result_for_something_that_is_not_a_call_is_a_type_error(model, call):
+    chat = model.chat()
+    before = chat.messages
+    with pytest.raises(TypeError, match="call must be a ToolCall .* or a tool's name"):
+        chat.send_tool_result(call, {"ok": True})
+    assert chat.messages == before

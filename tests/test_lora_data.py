@@ -343,3 +343,12 @@ def test_text_too_costly_to_tokenize_is_refused_naming_file_line_and_field(tmp_p
         load_dataset(path, enc)
     assert time.perf_counter() - t0 < 5
     assert str(err.value).startswith(f"{path}:2 ") and field in str(err.value) and "tokenize" in str(err.value), str(err.value)
+
+
+def test_a_dataset_line_naming_a_tool_twice_is_refused(tmp_path, enc):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    line = json.dumps(
+        {"tools": [tool, tool], "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
+    with pytest.raises(DataError, match=r"data.jsonl:1: field tools\[1\]: tool name 'f' is used twice"):
+        load_dataset(write(tmp_path, line), enc)

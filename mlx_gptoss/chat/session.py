@@ -216,7 +216,10 @@ class ChatSession:
         return last_reply(self.stream_tool_result(call, result, **options))
 
     def stream_tool_result(self, call: ToolCall | str, result: Any, **options: Any) -> Iterator[Event | Done]:
+        """Like :meth:`send_tool_result`, yielding events as tokens arrive; the last event is :class:`Done`."""
         opts = self._options(options)
+        if not isinstance(call, (ToolCall, str)) or isinstance(call, str) and not call.strip():
+            raise TypeError(f"call must be a ToolCall (from reply.tool_calls) or a tool's name; got {call!r}")
         recipient = call.recipient if isinstance(call, ToolCall) else (call if "." in call else f"functions.{call}")
         content = result if isinstance(result, str) else json.dumps(result, default=str)
         msg = Message.from_author_and_content(Author.new(Role.TOOL, recipient), _checked_text(content, "the tool result"))

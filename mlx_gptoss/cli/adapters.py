@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Fail, model_option
+from .common import INT_MAX, Fail, Number, model_option
 from .lora import lora
 
 # how the library's errors spell fuse's options here
@@ -35,7 +35,7 @@ _FUSE_FLAGS = {
     "--check-tokens",
     default=64,
     show_default=True,
-    type=click.IntRange(min=0),
+    type=Number(integer=True, min=0, max=INT_MAX),
     help="Random tokens for the KL check of fused against unfused (0: skip it; at most the model's context).",
 )
 @click.option(

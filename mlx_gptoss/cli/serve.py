@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import click
 
-from .common import Fail, adapter_option, download_option, memory_options, model_option
+from .common import INT_MAX, Fail, Number, adapter_option, download_option, memory_options, model_option
 
 
 @click.command()
 @model_option()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; other than loopback needs --api-key.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--port", default=8000, show_default=True, type=Number(integer=True, min=0, max=65535))
 @click.option("--api-key", default=None, envvar="MLX_GPTOSS_API_KEY",
               help="Require 'Authorization: Bearer KEY' (or set MLX_GPTOSS_API_KEY).")  # fmt: skip
 @adapter_option
 @memory_options()
 @click.option(
-    "--max-queue", default=16, show_default=True, type=click.IntRange(min=1), help="Requests waiting beyond this get 429."
+    "--max-queue",
+    default=16,
+    show_default=True,
+    type=Number(integer=True, min=1, max=INT_MAX),
+    help="Requests waiting beyond this get 429.",
 )
-@click.option("--max-tokens", default=None, type=click.IntRange(min=1),
+@click.option("--max-tokens", default=None, type=Number(integer=True, min=1, max=INT_MAX),
               help="Longest reply a request may ask for  [default: half the context]")  # fmt: skip
 @click.option("--cors-origin", default=None,
               help="The one browser origin allowed to call the API (default: none; '*' needs --api-key).")  # fmt: skip
@@ -32,7 +36,9 @@ def serve(model: str, host: str, port: int, api_key: str | None, adapter: str | 
         from mlx_gptoss.server.app import check_exposure, is_loopback, model_name
         from mlx_gptoss.server.app import serve as run
     except ImportError as e:
-        raise Fail(f"the server needs its extra: pip install 'mlx-gptoss[server]' ({e.name} is missing)") from None
+        raise Fail(
+            f"the server's packages are missing ({e.name}): reinstall mlx-gptoss (pip install mlx-gptoss, or pip install -e . in a checkout)"
+        ) from None
     from mlx_gptoss.api import load
     from mlx_gptoss.tokenizer import TokenizerError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .common import Fail
+from .common import Fail, Number
 
 MAX_VOCAB = 2**20  # a "tiny" model's embedding stays under a few hundred MB (the release's vocabulary: 201,088)
 
@@ -20,8 +20,8 @@ def testing() -> None:
               show_default=True, help="converted: ready to load; the others: a folder to try `mlx-gptoss convert` on.")  # fmt: skip
 @click.option("--vocab", default="real", show_default=True,
               help='"real": the release\'s vocabulary and tokenizer (chat, tools, server work); or a vocabulary size (token ids only).')  # fmt: skip
-@click.option("--layers", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--layers", default=2, show_default=True, type=Number(integer=True, min=1, max=64))
+@click.option("--seed", default=0, show_default=True, type=Number(integer=True, min=0, max=2**63 - 1))
 @click.option("--reply", default=None,
               help="Rig the weights so greedy decoding answers this, whatever the prompt (plain text, or harmony).")  # fmt: skip
 def tiny_model(dst: str, layout: str, vocab: str, layers: int, seed: int, reply: str | None) -> None:

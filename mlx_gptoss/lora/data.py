@@ -44,7 +44,7 @@ from openai_harmony import Author, Conversation, HarmonyEncoding, Message, Rende
 
 from ..harmony import EFFORTS, TEMPLATE_BYTES, developer_message, for_rendering, system_message
 from ..tokenizer import TextTooCostlyError, check_encode_cost
-from ..tools import as_tool
+from ..tools import DuplicateToolError, as_tool, unique_tools
 
 DEFAULT_DATE = date(2025, 6, 28)  # a fixed "Current date" for the system message: data must not change by the day
 TRAIN_ON = ("final", "assistant")
@@ -392,17 +392,20 @@ def _tools(record: dict, where: str) -> dict:
     specs = record.get("tools") or []
     if not isinstance(specs, list):
         raise DataError(f"{where}: field tools: must be a list of function schemas")
-    tools = {}
+    tools = []
     for i, spec in enumerate(specs):
         fn = spec.get("function", spec) if isinstance(spec, dict) else None
         if isinstance(fn, dict) and not isinstance(fn.get("parameters") or {}, dict):
             raise DataError(f"{where}: field tools[{i}].parameters: must be a JSON schema object")
         try:
-            tool = as_tool(spec)
+            tools.append(as_tool(spec))
         except (ValueError, TypeError) as e:
             raise DataError(f"{where}: field tools[{i}]: {e}") from None
-        tools[tool.name] = tool
-    return tools
+    try:
+        unique_tools(tools)  # the sessions' and the server's rule: no name twice
+    except DuplicateToolError as e:
+        raise DataError(f"{where}: field tools[{e.index}]: {e}") from None
+    return {t.name: t for t in tools}
 
 
 def _text(m: dict, f: str, where: str, optional: bool = False) -> str:
