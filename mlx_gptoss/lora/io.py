@@ -13,7 +13,6 @@ is loaded only onto the base model it was trained on (:func:`base_fingerprint`).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import GptOssConfig
+from ..converted import LoadError
+from ..fingerprint import base_fingerprint as _core_fingerprint
 from ..models import resolve_config
-from ..safetensors_io import SafetensorsError, read_header
+from ..safetensors_io import SafetensorsError
 from .adapters import (
     LoRAError,
-    LoRALinear,
     LoRASpec,
     adapted_shapes,
     apply_lora,
@@ -42,59 +42,13 @@ from .files import WEIGHTS as WEIGHTS
 from .files import read_adapter_config, read_json, read_weights, write_folder
 from .formats import MLXLM_WEIGHTS, PEFT_WEIGHTS, detect_adapter_format, read_adapter, to_mlxlm, to_peft
 
-# The architecture fields that shape the weights; quantization is left out on purpose (an adapter
-# trained on the 8-bit attention of the 16 GB preset fits the same base in bf16).
-_ARCH_FIELDS = (
-    "num_hidden_layers", "num_local_experts", "num_experts_per_tok", "vocab_size", "hidden_size",
-    "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads", "sliding_window", "layer_types",
-)  # fmt: skip
-
 
 def base_fingerprint(model_or_path: Any) -> str:
-    """A stable id of a base model's weights: ``"sha256:<hex>"``.
-
-    Covers the architecture fields of the config (not the quantization preset) and, for every
-    layer, the router's weight and bias and the attention sinks, rounded to bfloat16 (the released
-    precision) so the id is the same whatever dtype the model was loaded at. These tensors are small
-    (about 4.5 MB for the 20b) and differ between any two trained models, fine-tunes included.
-    Accepts a loaded model or a converted folder (read through memory maps, nothing else loaded).
-    """
-    if isinstance(model_or_path, (str, Path)):
-        path = Path(model_or_path)
-        cfg = GptOssConfig.from_file(path / "config.json")
-        infos = {}
-        for f in sorted(path.glob("*.safetensors")):
-            try:
-                infos.update(read_header(f)[0])
-            except SafetensorsError as e:
-                raise LoRAError(str(e)) from None
-        tensors = {}
-        for name in _fingerprint_keys(cfg):
-            if name not in infos:
-                raise LoRAError(f"{path}: tensor {name!r} not found; is this a converted gpt-oss folder?")
-            info = infos[name]
-            a = mx.array(info.read_numpy())
-            tensors[name] = a.view(mx.bfloat16) if info.dtype == "BF16" else a
-    else:
-        cfg = model_or_path.config
-        tensors = {}
-        for i, layer in enumerate(model_or_path.layers):
-            router = layer.mlp.router.base if isinstance(layer.mlp.router, LoRALinear) else layer.mlp.router
-            tensors[f"layers.{i}.mlp.router.weight"] = router.weight
-            tensors[f"layers.{i}.mlp.router.bias"] = router.bias
-            tensors[f"layers.{i}.self_attn.sinks"] = layer.self_attn.sinks
-    h = hashlib.sha256()
-    h.update(json.dumps({k: getattr(cfg, k) for k in _ARCH_FIELDS}, sort_keys=True).encode())
-    for name in _fingerprint_keys(cfg):
-        t = tensors[name].astype(mx.bfloat16)
-        h.update(name.encode())
-        h.update(np.array(t.view(mx.uint16)).tobytes())
-    return "sha256:" + h.hexdigest()
-
-
-def _fingerprint_keys(cfg: GptOssConfig) -> list[str]:
-    return [f"layers.{i}.{k}" for i in range(cfg.num_hidden_layers)
-            for k in ("mlp.router.weight", "mlp.router.bias", "self_attn.sinks")]  # fmt: skip
+    """:func:`mlx_gptoss.fingerprint.base_fingerprint` (arch fields, routers, sinks), its errors as LoRAError."""
+    try:
+        return _core_fingerprint(model_or_path)
+    except (LoadError, SafetensorsError) as e:
+        raise LoRAError(str(e)) from None
 
 
 def save_adapter(
